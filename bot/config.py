@@ -1,0 +1,252 @@
+"""Typed, frozen configuration read from config.toml.
+
+Every problem (unknown key, wrong type, bad value) is collected and reported at once, with the
+dotted key name, so a user fixes the file in one pass. Secrets are never read from the file: only the
+names of the environment variables that hold them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bot.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str = "bundled"
+    dtype: str = "auto"
+    device: str = "auto"
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class AdaptersConfig:
+    dir: str = "adapters"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 16
+    batch_wait_ms: int = 5
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 200
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+
+
+@dataclass(frozen=True)
+class StoryConfig:
+    max_new_tokens: int = 300
+    temperature: float = 0.8
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+
+
+@dataclass(frozen=True)
+class QAConfig:
+    max_new_tokens: int = 24
+
+
+@dataclass(frozen=True)
+class NERConfig:
+    max_new_tokens: int = 96
+
+
+@dataclass(frozen=True)
+class BotConfig:
+    default_mode: str = "chat"
+    max_input_chars: int = 4000
+    history_tokens: int = 768
+    system_prompt: str = "You are lorabot, a helpful and concise assistant."
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "lorabot.db"
+    retention_days: int = 0
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    allowed_users: tuple[str, ...] = ()
+    allowed_chats: tuple[str, ...] = ()
+    admins: tuple[str, ...] = ()
+    rate_limit_per_minute: int = 20
+
+
+@dataclass(frozen=True)
+class TelegramConfig:
+    token_env: str = "TELEGRAM_BOT_TOKEN"
+    base_url: str = ""
+    mode: str = "polling"
+    webhook_url: str = ""
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = 8443
+    edit_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class DiscordConfig:
+    token_env: str = "DISCORD_BOT_TOKEN"
+    edit_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    story: StoryConfig = field(default_factory=StoryConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
+    ner: NERConfig = field(default_factory=NERConfig)
+    bot: BotConfig = field(default_factory=BotConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    telegram: TelegramConfig = field(default_factory=TelegramConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
+    # Folder that relative paths (adapters.dir, store.path) are resolved against.
+    root: Path = Path(".")
+
+    def path(self, relative: str) -> Path:
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def token(self, platform: str) -> str | None:
+        """The bot token for ``platform`` from the environment, or None when unset/empty."""
+        env_name = getattr(self, platform).token_env
+        value = os.environ.get(env_name, "").strip()
+        return value or None
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "model.device": ("auto", "cpu", "cuda"),
+    "telegram.mode": ("polling", "webhook"),
+}
+_NON_NEGATIVE = {
+    "model.threads", "engine.batch_wait_ms", "store.retention_days", "access.rate_limit_per_minute",
+    "generation.temperature", "story.temperature",
+}
+_POSITIVE = {
+    "engine.max_batch", "generation.max_new_tokens", "story.max_new_tokens", "qa.max_new_tokens",
+    "ner.max_new_tokens", "bot.max_input_chars", "bot.history_tokens", "telegram.webhook_port",
+    "generation.repetition_penalty", "story.repetition_penalty",
+}
+_UNIT_INTERVAL = {"generation.top_p", "story.top_p"}
+_NON_NEGATIVE |= {"telegram.edit_interval_s", "discord.edit_interval_s"}
+
+
+def _check_value(key: str, value: Any, annotation: Any, problems: list[str]) -> Any:
+    """Return ``value`` converted to the field's type, or record a problem and return None."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+            problems.append(f"{key}: expected a list of strings, got {value!r}")
+            return None
+        return tuple(str(v) for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true or false, got {value!r}")
+            return None
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+            return None
+    elif annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return None
+        value = float(value)
+    elif annotation is str and not isinstance(value, str):
+        problems.append(f"{key}: expected a string, got {value!r}")
+        return None
+    if key in _CHOICES and value not in _CHOICES[key]:
+        problems.append(f"{key}: must be one of {', '.join(_CHOICES[key])}; got {value!r}")
+    if key in _POSITIVE and value <= 0:
+        problems.append(f"{key}: must be greater than 0; got {value!r}")
+    if key in _NON_NEGATIVE and value < 0:
+        problems.append(f"{key}: must be 0 or more; got {value!r}")
+    if key in _UNIT_INTERVAL and not 0 < value <= 1:
+        problems.append(f"{key}: must be in (0, 1]; got {value!r}")
+    return value
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def parse_config(data: dict[str, Any], source: str = "config.toml", root: Path | None = None) -> Config:
+    """Build a Config from a parsed TOML mapping; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    top_types = _section_types(Config)
+    for name, value in data.items():
+        if name == "root" or name not in top_types:
+            problems.append(f"unknown section [{name}] (known: {', '.join(k for k in top_types if k != 'root')})")
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"{name}: expected a [{name}] table, got {value!r}")
+            continue
+        section_cls = top_types[name]
+        field_types = _section_types(section_cls)
+        kwargs: dict[str, Any] = {}
+        for key, raw in value.items():
+            dotted = f"{name}.{key}"
+            if key not in field_types:
+                problems.append(f"unknown key {dotted} (known: {', '.join(field_types)})")
+                continue
+            checked = _check_value(dotted, raw, field_types[key], problems)
+            if checked is not None:
+                kwargs[key] = checked
+        sections[name] = section_cls(**kwargs)
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(**sections, root=root or Path("."))
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read ``path`` (default: ./config.toml if present, else built-in defaults)."""
+    if path is None:
+        candidate = Path("config.toml")
+        if not candidate.exists():
+            return Config(root=Path.cwd())
+        path = candidate
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(p), [f"cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(p), [f"not valid UTF-8 (byte {exc.start})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), [f"not valid TOML: {exc}"]) from None
+    return parse_config(data, str(p), root=p.resolve().parent)
+
+
+def replace(config: Config, **sections: Any) -> Config:
+    """A copy of ``config`` with whole sections or section fields replaced (for CLI flags and tests)."""
+    changes: dict[str, Any] = {}
+    for name, value in sections.items():
+        if isinstance(value, dict):
+            changes[name] = dataclasses.replace(getattr(config, name), **value)
+        else:
+            changes[name] = value
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config", "replace"]

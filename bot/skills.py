@@ -1,0 +1,226 @@
+"""Task formats: how each skill turns input into a prompt and model output into a result.
+
+Defined once and used by both the bot and ``training/``, so an adapter and the bot cannot disagree.
+Any change to a prompt or target layout must bump that task's ``version``: adapters record the
+version they were trained with and the bot refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+from bot.messages import Answer, Entities, Entity, Sentiment, Text
+
+_WS = re.compile(r"\s+")
+
+
+def one_line(text: str) -> str:
+    """Collapse all whitespace (newlines included) so the prompt layout cannot be broken by input."""
+    return _WS.sub(" ", text).strip()
+
+
+@dataclass(frozen=True)
+class SentimentFormat:
+    """Classification by the label tokens' probabilities at the last prompt position (one forward pass)."""
+
+    task: ClassVar[str] = "sentiment"
+    version: ClassVar[int] = 1
+    default_labels: ClassVar[tuple[str, ...]] = ("negative", "neutral", "positive")
+
+    @staticmethod
+    def prompt(text: str) -> str:
+        return f"Text: {one_line(text)}\nSentiment (negative, neutral or positive):"
+
+    @staticmethod
+    def continuation(label: str) -> str:
+        """The text whose first token stands for ``label`` right after the prompt."""
+        return " " + label
+
+    @staticmethod
+    def result(scores: dict[str, float]) -> Sentiment:
+        label = max(scores, key=scores.__getitem__)
+        return Sentiment(label=label, scores=dict(scores))
+
+
+@dataclass(frozen=True)
+class NERFormat:
+    """Generative NER: the model lists ``entity (TYPE)`` pairs; offsets are found in the user's text."""
+
+    task: ClassVar[str] = "ner"
+    version: ClassVar[int] = 1
+    default_labels: ClassVar[tuple[str, ...]] = ("PER", "ORG", "LOC", "MISC")
+    none: ClassVar[str] = "none"
+    stop: ClassVar[tuple[str, ...]] = ("\n",)
+    _item: ClassVar[re.Pattern[str]] = re.compile(r"^(?P<text>.+?)\s*\((?P<type>[A-Za-z][A-Za-z0-9_-]*)\)\s*$")
+
+    @staticmethod
+    def prompt(text: str) -> str:
+        return f"Sentence: {one_line(text)}\nEntities:"
+
+    @classmethod
+    def target(cls, entities: list[tuple[str, str]]) -> str:
+        """Training target for ``[(entity text, type), ...]`` in order of appearance."""
+        if not entities:
+            return " " + cls.none
+        return " " + "; ".join(f"{one_line(text)} ({etype})" for text, etype in entities)
+
+    @classmethod
+    def parse_pairs(cls, output: str) -> list[tuple[str, str]]:
+        line = output.strip().split("\n", 1)[0].strip()
+        if not line or line.lower() == cls.none:
+            return []
+        pairs = []
+        for chunk in line.split(";"):
+            m = cls._item.match(chunk.strip())
+            if m:
+                pairs.append((m.group("text").strip(), m.group("type")))
+        return pairs
+
+    @classmethod
+    def result(cls, output: str, source: str, labels: tuple[str, ...]) -> Entities:
+        """Entities whose text occurs in ``source``, with exact offsets; invented ones are dropped."""
+        found: list[Entity] = []
+        taken: set[tuple[int, int]] = set()
+        cursor = 0
+        for text, etype in cls.parse_pairs(output):
+            if etype not in labels:
+                continue
+            pattern = re.compile(r"\s+".join(re.escape(part) for part in text.split()))
+            span = None
+            for start_at in (cursor, 0):
+                for m in pattern.finditer(source, start_at):
+                    if (m.start(), m.end()) not in taken and _word_bounded(source, m.start(), m.end()):
+                        span = (m.start(), m.end())
+                        break
+                if span:
+                    break
+            if span is None:
+                continue
+            taken.add(span)
+            cursor = span[1]
+            found.append(Entity(text=source[span[0]:span[1]], type=etype, start=span[0], end=span[1]))
+        found.sort(key=lambda e: e.start)
+        return Entities(entities=tuple(found), source=source)
+
+
+def _word_bounded(source: str, start: int, end: int) -> bool:
+    before = source[start - 1] if start > 0 else " "
+    after = source[end] if end < len(source) else " "
+    return not (before.isalnum() and source[start].isalnum()) and not (after.isalnum() and source[end - 1].isalnum())
+
+
+@dataclass(frozen=True)
+class QAFormat:
+    """Extractive-style QA: a short answer generated after the context and question."""
+
+    task: ClassVar[str] = "qa"
+    version: ClassVar[int] = 1
+    stop: ClassVar[tuple[str, ...]] = ("\n",)
+
+    @staticmethod
+    def prompt(context: str, question: str) -> str:
+        return f"Context: {one_line(context)}\nQuestion: {one_line(question)}\nAnswer:"
+
+    @staticmethod
+    def target(answer: str) -> str:
+        return " " + one_line(answer)
+
+    @staticmethod
+    def result(output: str, context: str = "") -> Answer:
+        answer = output.strip().split("\n", 1)[0].strip()
+        return Answer(answer=answer, context_chars=len(context))
+
+
+@dataclass(frozen=True)
+class StoryFormat:
+    """Stories from a theme ("a brave mouse") or from a first sentence the model continues."""
+
+    task: ClassVar[str] = "story"
+    version: ClassVar[int] = 1
+
+    @staticmethod
+    def is_opening(text: str) -> bool:
+        """A first sentence (to continue) rather than a theme (to write about)."""
+        text = text.strip()
+        return len(text.split()) >= 6 or text.endswith((".", "!", "?", '"'))
+
+    @classmethod
+    def prompt(cls, request: str = "") -> str:
+        """Prompt ending where the model starts writing; an opening sentence is already part of it."""
+        request = one_line(request)
+        if not request:
+            return "Write a short story.\nStory:"
+        if cls.is_opening(request):
+            return f"Write a short story.\nStory: {request}"
+        return f"Write a short story about {request.rstrip('.')}.\nStory:"
+
+    @classmethod
+    def training_pair(cls, text: str, title: str | None = None) -> tuple[str, str]:
+        """(prompt, target) for a story text; the whole story is the target."""
+        return cls.prompt(title or ""), " " + text.strip()
+
+    @staticmethod
+    def result(request: str, output: str) -> Text:
+        request = one_line(request)
+        if request and StoryFormat.is_opening(request):
+            return Text(text=f"{request} {output.strip()}".strip())
+        return Text(text=output.strip())
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """Plain chat through the base model's own chat template (rendered by the engine's tokenizer)."""
+
+    task: ClassVar[str] = "chat"
+    version: ClassVar[int] = 1
+
+    @staticmethod
+    def messages(system: str, history: list[tuple[str, str]], user: str) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": system}] if system else []
+        msgs += [{"role": role, "content": content} for role, content in history]
+        msgs.append({"role": "user", "content": user})
+        return msgs
+
+
+@dataclass(frozen=True)
+class DomainFormat:
+    """Continued pre-training: plain text in, continuation out (no instruction)."""
+
+    task: ClassVar[str] = "domain"
+    version: ClassVar[int] = 1
+
+    @staticmethod
+    def prompt(text: str) -> str:
+        return text
+
+
+FORMATS = {
+    f.task: f for f in (SentimentFormat, NERFormat, QAFormat, StoryFormat, ChatFormat, DomainFormat)
+}
+CLASSIFIER_TASKS = frozenset({"sentiment"})
+LABELLED_TASKS = frozenset({"sentiment", "ner"})
+
+
+@dataclass(frozen=True)
+class SkillInfo:
+    name: str
+    task: str
+    summary: str
+    usage: str
+
+
+SKILLS: dict[str, SkillInfo] = {
+    s.name: s
+    for s in (
+        SkillInfo("chat", "chat", "talk with the base model (no adapter)", "/chat <message>"),
+        SkillInfo("sentiment", "sentiment", "positive / negative / neutral, with confidence", "/sentiment <text>"),
+        SkillInfo("ner", "ner", "people, organisations, places, other names, with positions", "/ner <text>"),
+        SkillInfo(
+            "qa", "qa", "answer a question about a text",
+            "/ask <question> | <text>   (or reply to a message / attach a .txt with /ask <question>)",
+        ),
+        SkillInfo("story", "story", "a short story from a theme or first sentence", "/story <theme or opening>"),
+    )
+}
