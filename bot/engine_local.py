@@ -10,6 +10,7 @@ Text deltas stream back to the event loop as they are decoded. The event loop ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -88,10 +89,8 @@ def _resolve(job: _Job | _ControlJob, value: Any = None, error: BaseException | 
         else:
             fut.set_result(value)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
         loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed: nobody is waiting any more
-        pass
 
 
 class LocalEngine:
@@ -472,9 +471,7 @@ class LocalEngine:
             if cut >= 0:
                 row.text = row.text[:cut]
                 row.finish = "stop"
-            elif len(row.generated) >= params.max_new_tokens:
-                row.finish = "length"
-            elif row.position + len(row.generated) >= self.max_context:
+            elif len(row.generated) >= params.max_new_tokens or row.position + len(row.generated) >= self.max_context:
                 row.finish = "length"
             self._stream(row)
 

@@ -1,0 +1,54 @@
+"""Who may talk to the bot, who is an admin, and how often: one set of rules for every transport."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from bot.config import AccessConfig
+from bot.messages import Incoming
+
+
+def _ids(msg: Incoming) -> set[str]:
+    ids = {msg.user_id, f"{msg.platform}:{msg.user_id}"}
+    ids |= {f"role:{r}" for r in msg.roles} | {f"{msg.platform}-role:{r}" for r in msg.roles}
+    return ids
+
+
+def _chat_ids(msg: Incoming) -> set[str]:
+    ids = {msg.chat_id, f"{msg.platform}:{msg.chat_id}"}
+    if msg.guild_id:
+        ids |= {msg.guild_id, f"{msg.platform}:{msg.guild_id}"}
+    return ids
+
+
+class Access:
+    def __init__(self, config: AccessConfig, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self._clock = clock
+        self._recent: dict[str, deque[float]] = {}
+
+    def allowed(self, msg: Incoming) -> bool:
+        """User allowlist everywhere; chat/guild allowlist in group chats (DMs follow the user list)."""
+        if self.config.allowed_users and not (_ids(msg) & set(self.config.allowed_users)):
+            return False
+        chats = set(self.config.allowed_chats)
+        return not (msg.is_group and chats and not (_chat_ids(msg) & chats))
+
+    def is_admin(self, msg: Incoming) -> bool:
+        return bool(_ids(msg) & set(self.config.admins))
+
+    def retry_after(self, msg: Incoming) -> float:
+        """0 if the user may send now (and count it), else seconds until they may."""
+        limit = self.config.rate_limit_per_minute
+        if limit <= 0:
+            return 0.0
+        now = self._clock()
+        window = self._recent.setdefault(f"{msg.platform}:{msg.user_id}", deque())
+        while window and now - window[0] >= 60.0:
+            window.popleft()
+        if len(window) >= limit:
+            return max(0.1, 60.0 - (now - window[0]))
+        window.append(now)
+        return 0.0
