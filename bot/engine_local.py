@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,13 +181,19 @@ class LocalEngine:
     def _load_adapter(self, info: AdapterInfo) -> None:
         from peft import PeftModel
 
-        if isinstance(self._model, PeftModel):
+        with warnings.catch_warnings():
+            # PEFT still calls a transformers helper deprecated in v5; the warning says nothing to users.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            self._attach(info, PeftModel)
+        self._model.eval()
+
+    def _attach(self, info: AdapterInfo, peft_model_cls: Any) -> None:
+        if isinstance(self._model, peft_model_cls):
             self._model.load_adapter(str(info.path), adapter_name=info.name, is_trainable=False)
         else:
-            self._model = PeftModel.from_pretrained(
+            self._model = peft_model_cls.from_pretrained(
                 self._model, str(info.path), adapter_name=info.name, is_trainable=False,
             )
-        self._model.eval()
 
     async def reload_adapters(self) -> list[AdapterProblem]:
         await self._submit(_ControlJob("reload"))

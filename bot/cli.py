@@ -1,0 +1,267 @@
+"""The ``lorabot`` command: chat, run, ask, adapters, db, and (from training/) train, eval, export.
+
+Heavy modules are imported inside the commands, so ``lorabot --help`` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from bot.config import Config, load_config
+from bot.errors import LorabotError
+
+log = logging.getLogger("lorabot")
+
+ASK_COMMANDS = {"chat": "chat", "sentiment": "sentiment", "ner": "ner", "qa": "ask", "ask": "ask", "story": "story"}
+
+
+class _RedactSecrets(logging.Filter):
+    """Bot tokens must never reach a log line, whoever logs them (HTTP libraries log request URLs)."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            if any(s in message for s in self.secrets):
+                for s in self.secrets:
+                    message = message.replace(s, "[REDACTED]")
+                record.msg, record.args = message, ()
+        return True
+
+
+def setup_logging(config: Config, verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RedactSecrets([config.token("telegram") or "", config.token("discord") or ""]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Third-party chatter (HTTP request lines with URLs) only at -vv.
+    for noisy in ("httpx", "httpcore", "telegram", "discord", "transformers", "peft", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+
+
+# --------------------------------------------------------------------------- commands
+async def _chat(config: Config) -> int:
+    from bot.app import open_app
+    from bot.console import console_chat
+
+    async with open_app(config) as app:
+        await console_chat(app.core)
+    return 0
+
+
+async def _run(config: Config) -> int:
+    from bot.app import open_app
+
+    tokens = {p: config.token(p) for p in ("telegram", "discord")}
+    if not any(tokens.values()):
+        print(
+            "No bot token is set, so lorabot starts as a console chat.\n"
+            f"  Telegram: create a bot with @BotFather, then `export {config.telegram.token_env}=<token>`\n"
+            f"  Discord:  create an application at discord.com/developers, then "
+            f"`export {config.discord.token_env}=<token>`\n"
+            "and run `make run` (or `lorabot run`) again. See README.md for details.",
+            file=sys.stderr,
+        )
+        return await _chat(config)
+    async with open_app(config) as app:
+        transports: list[Any] = []
+        if tokens["telegram"]:
+            from bot.transports.telegram_chat import TelegramTransport
+
+            transports.append(TelegramTransport(app.core, config, tokens["telegram"]))
+        if tokens["discord"]:
+            from bot.transports.discord_chat import DiscordTransport
+
+            transports.append(DiscordTransport(app.core, config, tokens["discord"]))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        started = []
+        try:
+            for transport in transports:
+                await transport.start()
+                started.append(transport)
+            names = ", ".join(type(t).__name__.replace("Transport", "") for t in started)
+            print(f"lorabot is running on {names}. Press Ctrl+C to stop.", file=sys.stderr)
+            await stop.wait()
+        finally:
+            for transport in reversed(started):
+                try:
+                    await transport.stop()
+                except Exception:
+                    log.exception("stopping %s failed", type(transport).__name__)
+            unanswered = await app.store.unanswered()
+            if unanswered:
+                log.warning("%d message(s) were left unanswered at shutdown (kept as 'pending')", len(unanswered))
+    return 0
+
+
+def _read_context(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if len(value) < 4096 and path.is_file():
+        try:
+            return path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise LorabotError(f"cannot read context file {path}: {exc.strerror}") from None
+    return value
+
+
+async def _ask(config: Config, args: argparse.Namespace) -> int:
+    from bot.app import open_app
+    from bot.messages import Incoming
+
+    skill = args.skill.lower()
+    context = _read_context(args.context)
+    async with open_app(config, progress=not args.json) as app:
+        if skill not in app.core.modes() and skill not in ASK_COMMANDS:
+            raise LorabotError(f"unknown skill {skill!r}; choose one of: {', '.join(app.core.modes())}")
+        if args.compare:
+            text = f"/compare {'qa' if skill == 'ask' else skill} {args.text}"
+        elif skill in ASK_COMMANDS:
+            text = f"/{ASK_COMMANDS[skill]} {args.text}"
+        else:  # an extra adapter by name: use it as the chat's mode for this one message
+            text = args.text
+            chat = await app.store.ensure_chat("cli", "cli")
+            await app.store.set_mode(chat, skill)
+        user = os.environ.get("USER") or "cli"
+        reply = await app.core.handle(
+            Incoming(platform="cli", chat_id="cli", user_id=user, text=text, attachment_text=context),
+        )
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps(reply.to_json(), ensure_ascii=False))
+    else:
+        print(reply.text)
+    return 0 if reply.kind in ("answer", "command") else 2
+
+
+def _adapters(config: Config, args: argparse.Namespace) -> int:
+    from bot.adapters import scan_adapters
+    from bot.models import resolve_base, shape_signature
+
+    base = resolve_base(config.model.base)
+    from transformers import AutoConfig
+
+    shape = shape_signature(AutoConfig.from_pretrained(base.path, local_files_only=True))
+    found, problems = scan_adapters(config.path(config.adapters.dir), base_model=base.name, base_shape=shape)
+    for info in found.values():
+        labels = f" labels={','.join(info.labels)}" if info.labels else ""
+        print(f"{info.name:16} task={info.task} format=v{info.format_version} r={info.rank}{labels}")
+    for problem in problems:
+        print(f"NOT LOADED {problem}", file=sys.stderr)
+    return 1 if problems and args.check else 0
+
+
+def _db(config: Config, args: argparse.Namespace) -> int:
+    from bot.store import Store
+
+    path = Path(args.db) if args.db else config.path(config.store.path)
+    if not path.exists():
+        raise LorabotError(f"no database at {path}")
+    store = Store.open(path)
+    try:
+        if args.action == "stats":
+            print(json.dumps(store.stats(), indent=2, ensure_ascii=False))
+        elif args.action == "check":
+            result = store.integrity_check()
+            print(result)
+            return 0 if result == "ok" else 1
+        elif args.action == "vacuum":
+            store.vacuum()
+            print(f"vacuumed {path}")
+        elif args.action == "purge":
+            print(f"removed {store.purge_older_than(args.days)} messages older than {args.days} days")
+        elif args.action == "unanswered":
+            for row in store.unanswered():
+                print(json.dumps(row, ensure_ascii=False, default=str))
+        elif args.action == "export":
+            out = Path(args.out) if args.out else None
+            examples = store.export_chat_examples(only_positive_feedback=args.only_positive_feedback)
+            lines = [json.dumps(e, ensure_ascii=False) for e in examples]
+            if out:
+                out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+                print(f"wrote {len(lines)} conversations to {out}")
+            else:
+                print("\n".join(lines))
+    finally:
+        store.close()
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorabot", description="One small language model, specialised per task with LoRA adapters.",
+    )
+    parser.add_argument("--config", help="config file (default: ./config.toml if present)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: library logs too)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("chat", help="chat in this terminal (also reads piped stdin, one message per line)")
+    sub.add_parser("run", help="run on Telegram/Discord where a token is set; else the console chat")
+    ask = sub.add_parser("ask", help="one-shot: run one skill on one text")
+    ask.add_argument("skill", help="chat, sentiment, ner, qa, story, or an adapter name")
+    ask.add_argument("text")
+    ask.add_argument("--context", help="qa: the text to answer from (a string or a file path)")
+    ask.add_argument("--compare", action="store_true", help="also show the bare base model's answer")
+    ask.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    adapters = sub.add_parser("adapters", help="list the adapters and why any are not loaded")
+    adapters.add_argument("--check", action="store_true", help="exit 1 if any adapter folder is invalid")
+    db = sub.add_parser("db", help="the conversation database: stats, check, export, vacuum, purge")
+    db.add_argument("action", choices=["stats", "check", "export", "vacuum", "purge", "unanswered"])
+    db.add_argument("--db", help="database file (default: [store] path)")
+    db.add_argument("--days", type=int, default=30, help="purge: remove messages older than this")
+    db.add_argument("--out", help="export: JSONL file to write (default: stdout)")
+    db.add_argument("--only-positive-feedback", action="store_true")
+    try:
+        from training.cli import add_commands
+    except ImportError:  # the training package is optional for a bot-only install
+        pass
+    else:
+        add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        setup_logging(config, args.verbose)
+        if args.command == "chat":
+            return asyncio.run(_chat(config))
+        if args.command == "run":
+            return asyncio.run(_run(config))
+        if args.command == "ask":
+            return asyncio.run(_ask(config, args))
+        if args.command == "adapters":
+            return _adapters(config, args)
+        if args.command == "db":
+            return _db(config, args)
+        return int(args.func(args) or 0)
+    except LorabotError as exc:
+        print(f"lorabot: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
