@@ -40,7 +40,8 @@ def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> 
     from bot.random_model import save_random_adapter
 
     folder = tmp_path_factory.mktemp("adapters")
-    save_random_adapter(tiny_base, folder / "sentiment", task="sentiment", labels=SentimentFormat.default_labels, seed=1)
+    labels = SentimentFormat.default_labels
+    save_random_adapter(tiny_base, folder / "sentiment", task="sentiment", labels=labels, seed=1)
     save_random_adapter(tiny_base, folder / "ner", task="ner", labels=NERFormat.default_labels, seed=2)
     save_random_adapter(tiny_base, folder / "qa", task="qa", seed=3)
     save_random_adapter(tiny_base, folder / "story", task="story", seed=4)
