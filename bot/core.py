@@ -253,19 +253,19 @@ class Core:
             g = await self.engine.generate(QAFormat.prompt(context, question), self._params("qa", QAFormat.stop), name)
             result = QAFormat.result(g.text, context)
         elif task == "story":
-            opening = text if StoryFormat.is_opening(text) else ""
-            sink = _accumulate(stream, opening + " " if opening else "")
+            sink = _accumulate(stream, lambda so_far: StoryFormat.result(text, so_far).text)
             g = await self.engine.generate(StoryFormat.prompt(text), self._params("story"), name, sink)
             result = StoryFormat.result(text, g.text)
         elif task == "domain":
-            sink = _accumulate(stream, text)
+            sink = _accumulate(stream, lambda so_far: text + so_far)
             g = await self.engine.generate(text, self._params("generation"), name, sink)
             result = Text(text=text + g.text)
         else:  # chat
             history = await self._history(msg)
             messages = ChatFormat.messages(self.config.bot.system_prompt, history, text)
             g = await self.engine.generate(
-                self.engine.chat_prompt(messages), self._params("generation"), name, _accumulate(stream, ""),
+                self.engine.chat_prompt(messages), self._params("generation"), name,
+                _accumulate(stream, str.strip),
             )
             result = Text(text=g.text.strip())
         usage = Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens, latency_ms=_ms(started))
@@ -350,14 +350,15 @@ def _parse_command(text: str) -> tuple[str | None, str]:
     return command, args.strip()
 
 
-def _accumulate(stream: StreamSink | None, prefix: str) -> Callable[[str], Awaitable[None]] | None:
+def _accumulate(stream: StreamSink | None, shown: Callable[[str], str]) -> Callable[[str], Awaitable[None]] | None:
+    """Turn engine deltas into "reply text so far", rendered exactly as the final reply will be."""
     if stream is None:
         return None
-    parts = [prefix]
+    parts: list[str] = []
 
     async def sink(delta: str) -> None:
         parts.append(delta)
-        await stream("".join(parts).strip())
+        await stream(shown("".join(parts)))
 
     return sink
 

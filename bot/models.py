@@ -177,12 +177,18 @@ def load_model(path: Path, *, dtype: str = "auto", device: str = "auto", threads
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    import transformers
+
+    # A cached load takes well under a second: a progress bar there is noise.
+    transformers.utils.logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, local_files_only=True, trust_remote_code=False, use_safetensors=True,
         )
     except OSError as exc:
         raise ModelError(f"Cannot load the base model from {path}: {exc}") from None
+    finally:
+        transformers.utils.logging.enable_progress_bar()
     model.to(dev)
     model.eval()
     return model, load_tokenizer(path)

@@ -142,9 +142,8 @@ class StoryFormat:
 
     @staticmethod
     def is_opening(text: str) -> bool:
-        """A first sentence (to continue) rather than a theme (to write about)."""
-        text = text.strip()
-        return len(text.split()) >= 6 or text.endswith((".", "!", "?", '"'))
+        """A first sentence to continue (it ends like a sentence) rather than a theme to write about."""
+        return text.strip().endswith((".", "!", "?", '"', "”", "…"))
 
     @classmethod
     def prompt(cls, request: str = "") -> str:
@@ -163,6 +162,7 @@ class StoryFormat:
 
     @staticmethod
     def result(request: str, output: str) -> Text:
+        """The story as shown: an opening sentence the model continued is part of it."""
         request = one_line(request)
         if request and StoryFormat.is_opening(request):
             return Text(text=f"{request} {output.strip()}".strip())

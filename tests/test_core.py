@@ -106,6 +106,8 @@ async def test_story_streams_progressively(core):
 async def test_story_opening_sentence_is_kept(core):
     reply = await core.handle(msg("/story The old lighthouse keeper heard a knock at midnight."))
     assert reply.text.startswith("The old lighthouse keeper heard a knock at midnight. word0")
+    theme = await core.handle(msg("/story a little fox who wanted to fly"))
+    assert theme.text.startswith("word0")
 
 
 async def test_compare_shows_base_and_adapter(core):
