@@ -1,0 +1,40 @@
+"""The shipped recipes resolve, and their data files read cleanly where ../shared is present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared_data
+from training.config import data_specs, load_config
+from training.recipes import make_all
+
+RECIPES = Path(make_all.__file__).parent
+
+
+@pytest.mark.parametrize("name", make_all.SHIPPED)
+def test_recipe_resolves(name: str) -> None:
+    config = load_config(RECIPES / f"{name}.toml")
+    assert config["task"] == name
+    specs = data_specs(config["data"]["train"], "train") + data_specs(config["data"]["dev"], "dev")
+    assert specs and all(s["path"].startswith("../shared/data/") for s in specs)
+
+
+def test_qa_recipe_holds_out_disjoint_paragraphs() -> None:
+    from training.data import load
+
+    config = load_config(RECIPES / "qa.toml")
+    (train_spec,), (dev_spec,) = config["data"]["train"], config["data"]["dev"]
+    path = shared_data("qa/squad_v1.1_dev_shared.jsonl")
+    train = load("qa", dict(train_spec, path=str(path)), (), seed=config["seed"])
+    dev = load("qa", dict(dev_spec, path=str(path)), (), seed=config["seed"])
+    assert not {e.context for e in train} & {e.context for e in dev}
+    assert 0.1 < len(dev) / (len(train) + len(dev)) < 0.2
+
+
+def test_make_all_dry_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(Path.cwd())  # make_all changes to the repository root; restored afterwards
+    assert make_all.main(["--dry-run", "--force", "ner"]) == 0
+    out = capsys.readouterr().out
+    assert "-m training train ner --config" in out and "--resume" in out

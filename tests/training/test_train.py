@@ -1,0 +1,187 @@
+"""Training, resume, atomic output and evaluation on the tiny random model (seconds each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load_file
+
+from bot.adapters import validate_adapter
+from training import tasks
+from training import trainer as T
+from training.cli import main
+from training.config import load_config
+
+SENTIMENT = [("a fine film", "positive"), ("dull and long", "negative"), ("it is a film", "neutral"),
+             ("great fun", "positive"), ("awful acting", "negative"), ("the cast is big", "neutral")]
+NER = [{"tokens": ["Peter", "lives", "in", "Bonn", "."], "tags": ["B-PER", "O", "O", "B-LOC", "O"]},
+       {"tokens": ["EU", "rejects", "German", "call"], "tags": ["B-ORG", "O", "B-MISC", "O"]},
+       {"tokens": ["Nothing", "here"], "tags": ["O", "O"]}]
+QA = [{"id": str(i), "context": f"Room {i} is painted {c}. The door is {d}.", "question": f"What colour is room {i}?",
+       "answers": [{"text": c, "answer_start": 0}]} for i, (c, d) in enumerate(
+           [("red", "open"), ("blue", "shut"), ("green", "ajar"), ("white", "open")])]
+STORY = [{"title": "A brave mouse", "text": "Once a mouse met a cat.\nIt ran away."},
+         {"text": "Tom had a red ball. He played all day. Then he slept."}]
+CHAT = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {"messages": [{"role": "system", "content": "Be short."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}]}]
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def sentiment_file(path: Path, repeat: int = 4) -> Path:
+    return write_jsonl(path, [{"text": t, "label": y} for t, y in SENTIMENT * repeat])
+
+
+def config(task: str, base: Path, tmp_path: Path, train: Path, dev: Path | None = None, *sets: str) -> dict[str, Any]:
+    cfg = load_config(None, [f'base="{base}"', f'train.run_dir="{tmp_path / "runs"}"', "train.batch_size=4",
+                             "train.eval_every=0", "train.log_every=1", *sets])
+    cfg["task"] = task
+    cfg["data"]["train"] = [str(train)]
+    cfg["data"]["dev"] = [str(dev)] if dev else []
+    return cfg
+
+
+def lora_weights(folder: Path) -> dict[str, Any]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_resume_continues_exactly(tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = sentiment_file(tmp_path / "train.jsonl")
+    sets = ("train.epochs=2", "train.checkpoint_every=2", "lora.dropout=0.2", "eval.base=false")
+    straight = tasks.sentiment(config("sentiment", tiny_base, tmp_path / "a", data, None, *sets),
+                               tmp_path / "a" / "sent")
+
+    # Stop the second run right after its third checkpoint (step 6 of 12): nothing may be published.
+    real_save, saves = T.save_checkpoint, []
+
+    def save_then_stop(run: T.Run) -> None:
+        real_save(run)
+        saves.append(run.state.step)
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_stop)
+    cfg = config("sentiment", tiny_base, tmp_path / "b", data, None, *sets)
+    out = tmp_path / "b" / "sent"
+    with pytest.raises(KeyboardInterrupt):
+        tasks.sentiment(cfg, out)
+    assert saves == [2, 4, 6] and not out.exists()
+    assert json.loads((tmp_path / "b" / "runs" / "checkpoint" / "state.json").read_text())["step"] == 6
+    assert not list((tmp_path / "b").glob(".*"))  # no staging folder either
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+
+    with pytest.raises(Exception, match="--resume"):
+        tasks.sentiment(cfg, out)  # an existing checkpoint is never silently discarded
+    tasks.sentiment(cfg, out, resume=True)
+    a, b = lora_weights(straight), lora_weights(out)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [s for s, _ in metrics["history"]["loss"]] == list(range(1, 13))
+    assert not (tmp_path / "b" / "runs" / "checkpoint").exists()  # a finished run drops its checkpoint
+
+
+def test_adapter_folder_contents(tiny_base: Path, tmp_path: Path) -> None:
+    data = sentiment_file(tmp_path / "train.jsonl", repeat=2)
+    dev = write_jsonl(tmp_path / "sst.jsonl", [{"text": "good", "label": "positive"},
+                                               {"text": "bad", "label": "negative"}])
+    out = tasks.sentiment(config("sentiment", tiny_base, tmp_path, data, dev, "train.max_steps=2"),
+                          tmp_path / "adapters" / "mood")
+    info = validate_adapter(out)
+    assert info.task == "sentiment" and info.labels == ("negative", "neutral", "positive")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "curves.png", "lorabot.json",
+        "metrics.json", "recipe.toml"]
+    peft_config = json.loads((out / "adapter_config.json").read_text())
+    assert peft_config["modules_to_save"] is None and peft_config["peft_type"] == "LORA"
+    assert {str(t.dtype) for t in lora_weights(out).values()} == {"torch.bfloat16"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    # A 3-class adapter on binary dev data: only the two present labels compete.
+    assert metrics["dev"]["sst"]["labels"] == ["negative", "positive"]
+    assert set(metrics["base"]["sst"]) >= {"accuracy", "macro_f1", "macro_recall", "recall"}
+    card = (out / "README.md").read_text()
+    assert "base model" in card and "tokens/s" in card and "sst" in card
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_failed_run_leaves_previous_adapter(tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "adapters" / "sent"
+    out.mkdir(parents=True)
+    (out / "marker").write_text("old", encoding="utf-8")
+
+    def broken_card(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(T, "write_card", broken_card)
+    cfg = config("sentiment", tiny_base, tmp_path, sentiment_file(tmp_path / "t.jsonl", 1), None, "train.max_steps=1",
+                 "eval.base=false")
+    with pytest.raises(RuntimeError, match="disk full"):
+        tasks.sentiment(cfg, out, resume=True)
+    assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["sent"]
+    assert [p.name for p in out.iterdir()] == ["marker"]
+
+
+def test_bad_data_fails_before_anything_is_written(tiny_base: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok", "label": "positive"}, {"text": "x", "label": "meh"}])
+    code = main(["train", "sentiment", "--data", str(bad), "--out", str(tmp_path / "adapters" / "s"),
+                 "--base", str(tiny_base), "--set", f'train.run_dir="{tmp_path / "runs"}"'])
+    assert code == 2
+    assert f"{bad}:2: unknown label 'meh'" in capsys.readouterr().err
+    assert not (tmp_path / "adapters").exists() and not (tmp_path / "runs").exists()
+    assert main(["train", "sentiment", "--data", str(bad), "--out", str(tmp_path / "Bad Name")]) == 2
+    assert "not a valid adapter name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("task", "rows"), [("ner", NER), ("qa", QA), ("story", STORY), ("domain", STORY),
+                                            ("chat", CHAT)])
+def test_every_task_trains(tiny_base: Path, tmp_path: Path, task: str, rows: list[Any]) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = config(task, tiny_base, tmp_path, data, data, "train.max_steps=2", "eval.max_new_tokens=4")
+    out = tasks.TRAIN[task](cfg, tmp_path / "adapters" / task.replace("chat", "talk"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    primary = metrics["primary"]
+    assert metrics["dev"]["d"][primary] >= 0 and metrics["base"]["d"][primary] >= 0
+    info = validate_adapter(out)
+    if task == "ner":
+        assert info.labels == ("PER", "ORG", "LOC", "MISC")
+
+
+def test_eval_cli(tiny_base: Path, tiny_adapters: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    binary = write_jsonl(tmp_path / "sst.jsonl", [{"text": "good", "label": "positive"},
+                                                  {"text": "bad", "label": "negative"}] * 3)
+    args = ["eval", "sentiment", "--data", str(binary), "--base", str(tiny_base), "--json"]
+    assert main([*args, "--adapter", str(tiny_adapters / "sentiment")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 6 and result["metrics"]["labels"] == ["negative", "positive"]
+    assert main([*args, "--base-only", "--limit", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["adapter"] is None and result["n"] == 2
+
+    ner = write_jsonl(tmp_path / "ner.jsonl", NER)
+    assert main(["eval", "ner", "--adapter", str(tiny_adapters / "ner"), "--data", str(ner), "--base", str(tiny_base),
+                 "--max-new-tokens", "8", "--json"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out.splitlines()[-1])["metrics"]["f1"] <= 100
+    assert main(["eval", "qa", "--adapter", str(tiny_adapters / "ner"), "--data", str(ner), "--base",
+                 str(tiny_base)]) == 2
+    assert "is a ner adapter, not qa" in capsys.readouterr().err
+
+
+def test_qa_holdout_eval_matches_training_split(tiny_base: Path, tiny_adapters: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [dict(r, id=f"{n}-{r['id']}", context=f"{r['context']} ({n})") for n in range(20) for r in QA]
+    data = write_jsonl(tmp_path / "squad.jsonl", rows)
+    assert main(["eval", "qa", "--adapter", str(tiny_adapters / "qa"), "--data", str(data), "--base", str(tiny_base),
+                 "--holdout", "0.25", "--max-new-tokens", "2", "--json"]) == 0
+    n = json.loads(capsys.readouterr().out.splitlines()[-1])["n"]
+    from training.data import load
+
+    held = load("qa", {"path": str(data), "holdout": 0.25, "part": "holdout"}, (), seed=0)
+    kept = load("qa", {"path": str(data), "holdout": 0.25, "part": "train"}, (), seed=0)
+    assert n == len(held) and len(held) + len(kept) == len(rows) and 0 < n < len(rows)

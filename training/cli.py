@@ -1,0 +1,135 @@
+"""``lorabot train | eval | export``: argparse subcommands (bot/cli.py calls ``add_commands``).
+
+Only argparse and the standard library are imported here; torch and friends load inside the command
+functions, so ``lorabot --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+TASKS = ("sentiment", "ner", "qa", "story", "domain", "chat")
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add the train, eval and export subcommands; each sets ``func(args) -> exit code``."""
+    p = subparsers.add_parser("train", help="train a LoRA adapter for a task",
+                              description="Train a LoRA adapter. Output goes to a hidden temporary folder and "
+                                          "replaces --out only when training and evaluation succeed.")
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--data", action="extend", nargs="+", type=Path, metavar="FILE",
+                   help="training data (repeatable; replaces the recipe's data.train)")
+    p.add_argument("--dev", action="extend", nargs="+", type=Path, metavar="FILE",
+                   help="dev data, scored during training and in the model card (replaces data.dev)")
+    p.add_argument("--out", required=True, type=Path, metavar="adapters/NAME",
+                   help="the adapter folder; its name is the adapter name")
+    p.add_argument("--config", type=Path, metavar="recipe.toml", help="a recipe (see training/recipes/)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. train.lr=1e-4 lora.r=8 (values are TOML literals)")
+    p.add_argument("--base", help="base model: 'bundled', a model folder or a cached HF id (default: the recipe's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's last checkpoint (starts fresh when there is none)")
+    p.set_defaults(func=train_command)
+
+    p = subparsers.add_parser("eval", help="score an adapter (or the bare base model) on a data file")
+    p.add_argument("task", choices=TASKS)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--adapter", type=Path, metavar="DIR", help="the adapter folder")
+    who.add_argument("--base-only", action="store_true", help="score the bare base model, same evaluation")
+    p.add_argument("--data", required=True, type=Path, metavar="FILE")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N examples")
+    p.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                   help="only the held-out part of FILE, as a recipe's {holdout = FRACTION} split selects it")
+    p.add_argument("--base", default="bundled", help="base model (default: bundled)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=0, help="ner/qa generation limit (0 = task default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.set_defaults(func=eval_command)
+
+    p = subparsers.add_parser("export", help="export logged conversations as chat training data (JSONL)")
+    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the bot's conversation database")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE.jsonl")
+    p.add_argument("--only-positive-feedback", action="store_true",
+                   help="only conversations whose answers got positive feedback")
+    p.set_defaults(func=export_command)
+
+
+def _guard(run: Any) -> int:
+    from bot.errors import LorabotError
+
+    try:
+        return run()
+    except LorabotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstopped; nothing was written to the output. Continue with the same command plus --resume.",
+              file=sys.stderr)
+        return 130
+
+
+def train_command(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from bot.errors import ConfigError
+        from training.config import load_config
+        from training.tasks import TRAIN
+
+        overrides = list(args.set)
+        if args.base:
+            overrides.append(f"base={json.dumps(args.base)}")
+        config = load_config(args.config, overrides)
+        if config["task"] and config["task"] != args.task:
+            raise ConfigError(str(args.config), [f"task: the recipe is for {config['task']!r}, not {args.task!r}"])
+        config["task"] = args.task
+        if args.data:
+            config["data"]["train"] = [str(p) for p in args.data]
+        if args.dev:
+            config["data"]["dev"] = [str(p) for p in args.dev]
+        TRAIN[args.task](config, args.out, resume=args.resume)
+        return 0
+
+    return _guard(run)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from training.tasks import evaluate_adapter
+
+        result = evaluate_adapter(args.task, args.data, adapter=None if args.base_only else args.adapter,
+                                  base=args.base, limit=args.limit, holdout=args.holdout,
+                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        who = result["adapter"] or f"base model {result['base_model']}"
+        print(f"{args.task} on {args.data} ({result['n']} examples), {who}, {result['time_s']:.1f} s:")
+        for key, value in result["metrics"].items():
+            if isinstance(value, float):
+                print(f"  {key:<14} {value:8.2f}")
+            elif isinstance(value, dict):
+                print(f"  {key:<14} " + ", ".join(f"{k} {v:.2f}" for k, v in value.items()))
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        return 0
+
+    return _guard(run)
+
+
+def export_command(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from training.export import export_chat
+
+        count = export_chat(args.db, args.out, only_positive_feedback=args.only_positive_feedback)
+        print(f"wrote {count} conversation(s) to {args.out}")
+        return 0
+
+    return _guard(run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description="Train, evaluate and export "
+                                     "lorabot's LoRA adapters.")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,237 @@
+"""Metrics and batched inference with the same task formats the bot uses.
+
+sentiment: accuracy, macro-F1, per-class and macro recall, with predictions restricted to the labels
+present in the data (so a 3-class adapter can be scored on binary SST-2). ner: entity-level micro F1
+(seqeval, strict IOB2) after mapping predicted character offsets back to tokens. qa: SQuAD v1.1 EM/F1.
+story/domain/chat: perplexity of the target tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from bot.skills import NERFormat, QAFormat, SentimentFormat
+from training.batching import Encoded, chunks, collate, encode, label_token_ids, prompt_ids
+from training.data import Example, NERExample, QAExample, SentimentExample
+from training.model import LossModel
+
+DEFAULT_MAX_NEW_TOKENS = {"ner": 96, "qa": 24}   # as the bot's config.toml
+_PUNCTUATION = frozenset(string.punctuation)
+PRIMARY = {"sentiment": "accuracy", "ner": "f1", "qa": "f1", "story": "perplexity", "domain": "perplexity",
+           "chat": "perplexity"}
+
+
+def higher_is_better(task: str) -> bool:
+    return PRIMARY[task] != "perplexity"
+
+
+# ---------------------------------------------------------------- metrics (pure functions)
+
+
+def sentiment_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class recall and macro recall over ``labels``, in percent."""
+    recall, f1 = {}, []
+    for label in labels:
+        tp = sum(g == label and p == label for g, p in zip(gold, pred, strict=True))
+        n_gold, n_pred = sum(g == label for g in gold), sum(p == label for p in pred)
+        r = tp / n_gold if n_gold else 0.0
+        p = tp / n_pred if n_pred else 0.0
+        recall[label] = 100 * r
+        f1.append(2 * p * r / (p + r) if p + r else 0.0)
+    accuracy = sum(g == p for g, p in zip(gold, pred, strict=True)) / max(len(gold), 1)
+    return {"accuracy": 100 * accuracy, "macro_f1": 100 * sum(f1) / len(labels),
+            "macro_recall": sum(recall.values()) / len(labels), "recall": recall, "n": len(gold)}
+
+
+def token_spans(tokens: Sequence[str]) -> list[tuple[int, int]]:
+    """Character span of each token in ``" ".join(tokens)``."""
+    spans, pos = [], 0
+    for token in tokens:
+        spans.append((pos, pos + len(token)))
+        pos += len(token) + 1
+    return spans
+
+
+def entities_to_tags(tokens: Sequence[str], entities: Sequence[tuple[int, int, str]]) -> list[str]:
+    """Predicted (start, end, type) character spans -> IOB2 tags; the first entity wins a token."""
+    tags = ["O"] * len(tokens)
+    for start, end, etype in sorted(entities):
+        covered = [i for i, (s, e) in enumerate(token_spans(tokens)) if s < end and start < e]
+        if not covered or any(tags[i] != "O" for i in covered):
+            continue
+        for n, i in enumerate(covered):
+            tags[i] = ("B-" if n == 0 else "I-") + etype
+    return tags
+
+
+def ner_metrics(gold: list[list[str]], pred: list[list[str]]) -> dict[str, Any]:
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    kw: dict[str, Any] = {"mode": "strict", "scheme": IOB2, "zero_division": 0}
+    report = classification_report(gold, pred, output_dict=True, **kw)
+    per_type = {k: 100 * v["f1-score"] for k, v in report.items() if not k.endswith(" avg")}
+    return {"f1": 100 * f1_score(gold, pred, **kw), "precision": 100 * precision_score(gold, pred, **kw),
+            "recall": 100 * recall_score(gold, pred, **kw), "f1_by_type": per_type, "n": len(gold)}
+
+
+def squad_normalize(text: str) -> str:
+    """The official SQuAD v1.1 answer normalisation."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+    pred_tokens, gold_tokens = squad_normalize(prediction).split(), squad_normalize(gold).split()
+    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """SQuAD v1.1 exact match and F1 in percent, each the max over the gold answers."""
+    em = [max(float(squad_normalize(p) == squad_normalize(g)) for g in gold) for p, gold in
+          zip(predictions, answers, strict=True)]
+    f1 = [max(squad_f1(p, g) for g in gold) for p, gold in zip(predictions, answers, strict=True)]
+    n = max(len(em), 1)
+    return {"exact_match": 100 * sum(em) / n, "f1": 100 * sum(f1) / n, "n": len(em)}
+
+
+# ---------------------------------------------------------------- inference
+
+
+def _by_length(items: Sequence[list[int]], batch_size: int) -> list[list[int]]:
+    """Index batches of similar length (longest first, so a memory problem shows up at once)."""
+    order = sorted(range(len(items)), key=lambda i: -len(items[i]))
+    return chunks(order, batch_size)
+
+
+@torch.no_grad()
+def generate(model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+             stop: Sequence[str] = ("\n",), progress: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches, stopping at EOS or a stop string)."""
+    device = next(model.parameters()).device
+    encoded = [prompt_ids(tok, p) for p in prompts]
+    outputs = [""] * len(prompts)
+    for idx in _by_length(encoded, batch_size):
+        batch = collate([Encoded(ids=encoded[i]) for i in idx], tok.pad_token_id, left=True)
+        batch.pop("labels", None)
+        out = model.generate(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            stop_strings=list(stop) or None, tokenizer=tok if stop else None,
+        )
+        width = batch["input_ids"].shape[1]
+        for row, i in enumerate(idx):
+            outputs[i] = tok.decode(out[row, width:], skip_special_tokens=True)
+        if progress:
+            progress(len(idx))
+    return outputs
+
+
+@torch.no_grad()
+def label_probs(model: Any, tok: Any, texts: Sequence[str], labels: Sequence[str], *,
+                batch_size: int = 16) -> list[list[float]]:
+    """Softmax over the labels' first tokens at the last prompt position, as the bot classifies."""
+    scorer = LossModel(model, label_token_ids(tok, labels))
+    device = next(model.parameters()).device
+    encoded = [Encoded(ids=prompt_ids(tok, SentimentFormat.prompt(t)), label=0) for t in texts]
+    probs: list[list[float]] = [[] for _ in texts]
+    for idx in _by_length([e.ids for e in encoded], batch_size):
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], tok.pad_token_id).items()}
+        _, logits = scorer(**batch)
+        for row, i in enumerate(idx):
+            probs[i] = logits[row].float().softmax(-1).tolist()
+    return probs
+
+
+@torch.no_grad()
+def perplexity(model: Any, encoded: Sequence[Encoded], pad_id: int, *, batch_size: int = 8) -> dict[str, Any]:
+    """exp(mean negative log-likelihood) of the target tokens."""
+    scorer = LossModel(model)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for idx in _by_length([e.ids for e in encoded], batch_size):
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+        loss, _ = scorer(**batch)
+        total += float(loss)
+        count += int((batch["targets"] != -100).sum())
+    nll = total / max(count, 1)
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "n": len(encoded)}
+
+
+# ---------------------------------------------------------------- one function per task
+
+
+def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, labels: Sequence[str] = (),
+             batch_size: int = 16, max_new_tokens: int = 0, max_length: int = 1024) -> dict[str, Any]:
+    """Score ``model`` on ``examples`` (all of them; evaluation never drops long examples)."""
+    was_training = model.training
+    model.eval()
+    try:
+        if task == "sentiment":
+            return eval_sentiment(model, tok, examples, labels, batch_size=batch_size)  # type: ignore[arg-type]
+        if task == "ner":
+            return eval_ner(model, tok, examples, labels, batch_size=batch_size,  # type: ignore[arg-type]
+                            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["ner"])
+        if task == "qa":
+            return eval_qa(model, tok, examples, batch_size=batch_size,  # type: ignore[arg-type]
+                           max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["qa"])
+        # Perplexity of the text itself: without the EOS that training appends (the bare base model
+        # has no reason to end a story there), stories cut at max_length rather than dropped.
+        encoded, _ = encode(task, examples, tok, max_length=max_length, eos=False)
+        return perplexity(model, encoded, tok.pad_token_id, batch_size=max(1, batch_size // 2))
+    finally:
+        model.train(was_training)
+
+
+def eval_sentiment(model: Any, tok: Any, examples: Sequence[SentimentExample], labels: Sequence[str], *,
+                   batch_size: int = 16) -> dict[str, Any]:
+    present = {ex.label for ex in examples}
+    # Only the labels present in the data compete (in the adapter's order), so a 3-class adapter
+    # can be scored on a binary dataset.
+    choices = [label for label in labels if label in present] + sorted(present - set(labels))
+    probs = label_probs(model, tok, [ex.text for ex in examples], choices, batch_size=batch_size)
+    pred = [choices[max(range(len(p)), key=p.__getitem__)] for p in probs]
+    metrics = sentiment_metrics([ex.label for ex in examples], pred, choices)
+    metrics["labels"] = choices
+    return metrics
+
+
+def eval_ner(model: Any, tok: Any, examples: Sequence[NERExample], labels: Sequence[str], *,
+             batch_size: int = 16, max_new_tokens: int = 96) -> dict[str, Any]:
+    outputs = generate(model, tok, [NERFormat.prompt(ex.text) for ex in examples], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, stop=NERFormat.stop)
+    types = tuple(labels) or tuple(sorted({t for ex in examples for _, t in ex.entities()}))
+    gold, pred = [], []
+    for ex, out in zip(examples, outputs, strict=True):
+        found = NERFormat.result(out, ex.text, types).entities
+        gold.append(list(ex.tags))
+        pred.append(entities_to_tags(ex.tokens, [(e.start, e.end, e.type) for e in found]))
+    metrics = ner_metrics(gold, pred)
+    metrics["examples"] = [{"sentence": ex.text, "output": out.strip()} for ex, out in
+                           zip(examples[:3], outputs[:3], strict=False)]
+    return metrics
+
+
+def eval_qa(model: Any, tok: Any, examples: Sequence[QAExample], *, batch_size: int = 16,
+            max_new_tokens: int = 24) -> dict[str, Any]:
+    outputs = generate(model, tok, [QAFormat.prompt(ex.context, ex.question) for ex in examples],
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, stop=QAFormat.stop)
+    answers = [QAFormat.result(out, ex.context).answer for ex, out in zip(examples, outputs, strict=True)]
+    metrics = qa_metrics(answers, [ex.answers for ex in examples])
+    metrics["examples"] = [{"question": ex.question, "answer": a, "gold": ex.answers[0]} for ex, a in
+                           zip(examples[:3], answers[:3], strict=False)]
+    return metrics

@@ -1,0 +1,1 @@
+"""Recipes for the shipped adapters; ``python -m training.recipes.make_all`` retrains them."""

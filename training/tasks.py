@@ -1,0 +1,141 @@
+"""One function per task behind ``lorabot train``: read its data, settle its labels, train.
+
+Each takes the resolved config (training.config.load_config) and the output folder, and returns the
+adapter folder. ``evaluate_adapter`` is the ``lorabot eval`` counterpart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bot.errors import DataError
+from bot.skills import NERFormat, SentimentFormat
+from training import data as D
+from training.config import data_specs
+
+
+def _read(config: dict[str, Any], labels: tuple[str, ...]) -> tuple[list[D.Example], dict[str, list[D.Example]],
+                                                                    list[dict[str, Any]]]:
+    """Training examples (all specs joined), dev sets by name, and a description of each file for the card."""
+    task, seed = config["task"], config["seed"]
+    train_specs = data_specs(config["data"]["train"], "data.train")
+    if not train_specs:
+        raise DataError("data.train", None, "no training data: pass --data FILE or set data.train in the recipe")
+    train, info = [], []
+    for spec in train_specs:
+        examples = D.load(task, spec, labels, seed)
+        train += examples
+        info.append({"path": spec["path"], "part": _part(spec), "examples": len(examples), "split": "train"})
+    dev: dict[str, list[D.Example]] = {}
+    for spec in data_specs(config["data"]["dev"], "data.dev"):
+        examples = D.load(task, spec, labels, seed)
+        name = Path(spec["path"]).stem + ("-holdout" if spec.get("part") == "holdout" else "")
+        while name in dev:
+            name += "+"
+        dev[name] = examples
+        info.append({"path": spec["path"], "part": f"dev: {_part(spec)}", "examples": len(examples), "split": "dev"})
+    return train, dev, info
+
+
+def _part(spec: dict[str, Any]) -> str:
+    bits = []
+    if spec.get("holdout"):
+        bits.append(f"{spec.get('part', 'train')} side of a {spec['holdout']:.0%} group holdout")
+    if spec.get("min_words"):
+        bits.append(f">= {spec['min_words']} words")
+    if spec.get("limit"):
+        bits.append(f"{'label-balanced ' if spec.get('balance') else ''}sample of {spec['limit']}")
+    return ", ".join(bits) or "all"
+
+
+def _run(config: dict[str, Any], out: Path, labels: tuple[str, ...], resume: bool) -> Path:
+    from training.output import check_name
+    from training.trainer import train
+
+    check_name(out)  # before reading data or loading the model
+    examples, dev, info = _read(config, labels)
+    if config["task"] == "ner" and not labels:
+        # Entity types as found in the training data, in the bot's usual order first.
+        found = {t for ex in examples for _, t in ex.entities()}  # type: ignore[union-attr]
+        labels = tuple(t for t in NERFormat.default_labels if t in found) + tuple(sorted(found -
+                                                                                           set(NERFormat.default_labels)))
+    return train(config, out, examples, dev, labels=labels, resume=resume, data_info=info)
+
+
+def sentiment(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+    """Classifier over ``labels`` (default negative/neutral/positive), trained on the label-token logits."""
+    return _run(config, out, tuple(config["labels"]) or SentimentFormat.default_labels, resume)
+
+
+def ner(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+    """Generative NER (``entity (TYPE); ...``); entity types from ``labels`` or the training data."""
+    return _run(config, out, tuple(config["labels"]), resume)
+
+
+def qa(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+    """Short answers to questions about a context (SQuAD style)."""
+    return _run(config, out, (), resume)
+
+
+def story(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+    """Stories from a title/theme (or none); the whole story is the target."""
+    return _run(config, out, (), resume)
+
+
+def domain(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+    """Continued pre-training on raw text (causal-LM loss on every token)."""
+    return _run(config, out, (), resume)
+
+
+def chat(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+    """Conversations through the chat template; loss on the assistant turns only."""
+    return _run(config, out, (), resume)
+
+
+TRAIN = {"sentiment": sentiment, "ner": ner, "qa": qa, "story": story, "domain": domain, "chat": chat}
+
+
+def evaluate_adapter(task: str, data: Path, *, adapter: Path | None, base: str = "bundled", limit: int = 0,
+                     holdout: float = 0.0, batch_size: int = 16, max_new_tokens: int = 0,
+                     max_length: int = 1024, threads: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Score an adapter (or, with ``adapter=None``, the bare base model) on a data file."""
+    import time
+
+    import torch
+
+    from bot.adapters import validate_adapter
+    from bot.errors import AdapterError
+    from bot.models import resolve_base, shape_signature
+    from training.evaluate import evaluate
+    from training.model import load_adapter, load_base
+
+    if threads:
+        torch.set_num_threads(threads)
+    labels: tuple[str, ...] = ()
+    if adapter is not None:
+        ref = resolve_base(base, progress=progress)
+        from transformers import AutoConfig
+
+        info = validate_adapter(adapter, base_model=ref.name, base_shape=shape_signature(
+            AutoConfig.from_pretrained(ref.path, local_files_only=True)))
+        if info.task != task:
+            raise AdapterError(f"{adapter} is a {info.task} adapter, not {task}")
+        labels = info.labels
+    spec: dict[str, Any] = {"path": str(data)}
+    if holdout:
+        spec.update(holdout=holdout, part="holdout")
+    read_labels = labels or (SentimentFormat.default_labels if task == "sentiment" else ())
+    examples = D.load(task, spec, read_labels, seed=0)
+    examples = examples[:limit] if limit else examples
+    if task == "sentiment" and not labels:
+        labels = SentimentFormat.default_labels
+    model, tok, ref = load_base(base, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu")
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    started = time.perf_counter()
+    metrics = evaluate(task, model, tok, examples, labels=labels, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, max_length=max_length)
+    return {"task": task, "adapter": str(adapter) if adapter else None, "base_model": ref.name, "data": str(data),
+            "holdout": holdout or None, "n": len(examples), "metrics": metrics,
+            "time_s": round(time.perf_counter() - started, 2)}
