@@ -127,6 +127,8 @@ class Core:
         return replace(reply, message_id=out_id)
 
     async def feedback(self, platform: str, user_id: str, message_id: int, value: int) -> str:
+        if not self.access.allowed(Incoming(platform=platform, chat_id="", user_id=user_id, text="")):
+            return "Sorry, this bot is private: you are not on its list of allowed users."
         ok = await self.store.add_feedback(
             message_id=message_id, platform=platform, platform_user_id=user_id, value=value,
         )
@@ -138,7 +140,7 @@ class Core:
         stream: StreamSink | None,
     ) -> Reply:
         if command is None:
-            self._check_text(text, msg)
+            self._check_text(text, msg, context=self.modes().get(mode) == "qa")
             self._check_rate(msg)
             return await self._run(mode, text, msg, stream)
         if command in ("start", "help"):
@@ -166,23 +168,24 @@ class Core:
                     "Usage: /compare <skill> <text>, skill one of: "
                     + ", ".join(m for m, t in self.modes().items() if t != "chat")
                 )
-            self._check_text(rest, msg)
+            self._check_text(rest, msg, context=self.modes()[target] == "qa")
             self._check_rate(msg)
             return await self._compare(target, rest.strip(), msg)
         if command in SKILL_COMMANDS:
             target = SKILL_COMMANDS[command]
             if not args and not (target == "qa" and (msg.reply_to_text or msg.attachment_text)):
                 raise UserInputError(f"Usage: {SKILLS[target].usage}")
-            self._check_text(args, msg)
+            self._check_text(args, msg, context=target == "qa")
             self._check_rate(msg)
             return await self._run(target, args, msg, stream)
         raise UserInputError(f"Unknown command /{command}. Send /help to see what I can do.")
 
-    def _check_text(self, text: str, msg: Incoming) -> None:
-        if not text.strip() and not msg.attachment_text:
+    def _check_text(self, text: str, msg: Incoming, *, context: bool = False) -> None:
+        if not text.strip() and not (context and msg.attachment_text):
             raise UserInputError("I can only read text: send me a message with some words in it.")
         limit = self.config.bot.max_input_chars
-        total = len(text) + len(msg.reply_to_text or "") + len(msg.attachment_text or "")
+        # Only QA reads the replied-to message or the attachment; a chat reply to a long message is fine.
+        total = len(text) + (len(msg.attachment_text or msg.reply_to_text or "") if context else 0)
         if total > limit:
             raise UserInputError(
                 f"That is too long for me ({total:,} characters; the limit is {limit:,}). Send a shorter text."
