@@ -23,28 +23,15 @@ log = logging.getLogger("lorabot")
 ASK_COMMANDS = {"chat": "chat", "sentiment": "sentiment", "ner": "ner", "qa": "ask", "ask": "ask", "story": "story"}
 
 
-class _RedactSecrets(logging.Filter):
-    """Bot tokens must never reach a log line, whoever logs them (HTTP libraries log request URLs)."""
-
-    def __init__(self, secrets: list[str]):
-        super().__init__()
-        self.secrets = [s for s in secrets if s]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            if any(s in message for s in self.secrets):
-                for s in self.secrets:
-                    message = message.replace(s, "[REDACTED]")
-                record.msg, record.args = message, ()
-        return True
-
-
 def setup_logging(config: Config, verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_RedactSecrets([config.token("telegram") or "", config.token("discord") or ""]))
+    from bot.transports.common import register_secret
+
+    # Bot tokens must never reach a log line, whoever logs them (HTTP libraries log request URLs).
+    for platform in ("telegram", "discord"):
+        register_secret(config.token(platform) or "")
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
