@@ -30,7 +30,7 @@ def real_engine():
 def small_config(tmp_path: Path) -> Config:
     return replace(
         Config(root=REPO), store={"path": str(tmp_path / "chat.db")},
-        story={"max_new_tokens": 24}, generation={"max_new_tokens": 24},
+        story={"max_new_tokens": 24}, generation={"max_new_tokens": 24, "temperature": 0.0},
     )
 
 
