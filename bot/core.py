@@ -303,6 +303,9 @@ class Core:
         budget = self.config.bot.history_tokens
         kept: list[tuple[str, str]] = []
         for role, content in reversed(turns):
+            if role == "user":  # the log keeps the message as sent; the model sees what was said
+                command, args = _parse_command(content)
+                content = args if command else content
             cost = self.engine.count_tokens(content) + 4
             if cost > budget:
                 break

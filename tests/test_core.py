@@ -193,3 +193,10 @@ async def test_feedback_is_stored(core, store):
     reply = await core.handle(msg("/sentiment great"))
     assert await core.feedback("test", "u1", reply.message_id, 1) == "Thanks for the feedback!"
     assert rows(store, "SELECT value FROM feedback")[0][0] == 1
+
+
+async def test_history_shows_what_was_said_not_the_command(core, engine):
+    await core.handle(msg("/chat my name is Ada"))
+    await core.handle(msg("/chat and yours?"))
+    prompt = engine.calls[-1][1]
+    assert "user: my name is Ada" in prompt and "/chat" not in prompt
