@@ -1,10 +1,15 @@
 """The in-process engine: one base model, every adapter attached, one worker thread.
 
 Requests from any number of chats are queued; the worker runs them in micro-batches in which every
-row may use a different adapter (PEFT ``adapter_names``, ``"__base__"`` for the bare model).
-Generation is continuously batched: new requests are prefilled and merged into the running batch
-between decode steps, and finished rows leave it, so a long story does not hold up a short answer.
-Text deltas stream back to the event loop as they are decoded. The event loop never runs model code.
+row may use a different adapter. Generation is continuously batched: new requests are prefilled and
+merged into the running batch between decode steps, and finished rows leave it, so a long story does
+not hold up a short answer. Text deltas stream back to the event loop as they are decoded. The event
+loop never runs model code.
+
+Two backends compute the same greedy tokens:
+* ``"fast"`` (``bot.fast_lora``, the default for Llama-shaped models): fused projections, every adapter
+  applied in one batched LoRA matmul pair per projection group, a slot KV cache written in place;
+* ``"peft"``: transformers + PEFT ``adapter_names`` (``"__base__"`` for the bare model), the reference.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from bot.adapters import AdapterInfo, AdapterProblem, scan_adapters
 from bot.config import Config
 from bot.engine import Classification, Generation, SamplingParams, TextSink
 from bot.errors import AdapterError, EngineError
+from bot.fast_lora import Columns, FastLlama, unsupported
 from bot.models import BaseModelRef, load_model, resolve_base, shape_signature
 from bot.sampling import choose_next_tokens
 
@@ -99,8 +105,9 @@ class LocalEngine:
 
     def __init__(
         self, model: Any, tokenizer: Any, base: BaseModelRef, adapters_dir: Path | None, *,
-        max_batch: int = 16, batch_wait_ms: int = 5, max_context: int = 2048,
+        max_batch: int = 16, batch_wait_ms: int = 5, max_context: int = 2048, backend: str = "auto",
     ):
+        """``backend``: "auto" (fast when the model supports it, else peft), "fast" or "peft"."""
         self.base_model = base.name
         self._base = base
         self._model = model              # the plain transformers model, or a PeftModel around it
@@ -115,6 +122,18 @@ class LocalEngine:
         self.max_context = min(max_context, getattr(model.config, "max_position_embeddings", max_context))
         self.device = next(model.parameters()).device
         self._eos_ids = self._stop_token_ids()
+        self._fast: FastLlama | None = None
+        if backend not in ("auto", "fast", "peft"):
+            raise EngineError(f"unknown engine backend {backend!r} (auto, fast or peft)")
+        if backend != "peft":
+            reason = unsupported(model)
+            if reason is None:
+                self._fast = FastLlama(model, max_context=self.max_context)
+            elif backend == "fast":
+                raise EngineError(f"the fast backend cannot run this model: {reason}")
+            else:
+                log.info("engine: PEFT backend (%s)", reason)
+        self.backend = "fast" if self._fast is not None else "peft"
         self._queue: queue.Queue[_Job | _ControlJob] = queue.Queue()
         self._closed = False
         self._attach_adapters()
@@ -132,6 +151,7 @@ class LocalEngine:
         return cls(
             model, tokenizer, base, config.path(config.adapters.dir),
             max_batch=config.engine.max_batch, batch_wait_ms=config.engine.batch_wait_ms,
+            backend=getattr(config.engine, "backend", "auto"),
         )
 
     def _stop_token_ids(self) -> set[int]:
@@ -157,7 +177,10 @@ class LocalEngine:
         for name in list(self._adapters):
             changed = name in found and self._mtime(found[name]) != self._loaded_mtimes.get(name)
             if name not in found or changed:
-                self._model.delete_adapter(name)
+                if self._fast is not None:
+                    self._fast.remove_adapter(name)
+                else:
+                    self._model.delete_adapter(name)
                 del self._adapters[name]
         for name, info in found.items():
             if name in self._adapters:
@@ -179,6 +202,9 @@ class LocalEngine:
         return max((info.path / f).stat().st_mtime for f in ("adapter_model.safetensors", "adapter_config.json"))
 
     def _load_adapter(self, info: AdapterInfo) -> None:
+        if self._fast is not None:
+            self._fast.add_adapter(info.name, info.path)
+            return
         from peft import PeftModel
 
         with warnings.catch_warnings():
@@ -359,8 +385,15 @@ class LocalEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
-    def _forward_last(self, jobs: Sequence[_Job], cache: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill ``jobs`` as one left-padded batch; logits at the last position [B, V] and the mask."""
+    def _forward_last(self, jobs: Sequence[_Job], cache: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prefill ``jobs`` as one batch; logits at each last position [B, V] and (peft) the padding mask.
+
+        ``cache``: peft: a DynamicCache to fill, or None. fast: a ``SlotCache`` reservation to write the
+        keys/values into, ``Columns`` (only those vocabulary logits: [B, len(ids)]), or None.
+        """
+        if self._fast is not None:
+            logits = self._fast.prefill([j.prompt_ids for j in jobs], [j.adapter for j in jobs], cache)
+            return logits, None
         ids, mask, positions = self._left_pad([j.prompt_ids for j in jobs])
         out = self._model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
@@ -387,9 +420,16 @@ class LocalEngine:
 
     def _run_classify(self, jobs: list[_ClassifyJob]) -> None:
         def run(batch: list[_ClassifyJob]) -> None:
-            logits, _ = self._forward_last(batch)
+            column: dict[int, int] | None = None
+            if self._fast is not None:  # only the choices' logits, not the whole vocabulary
+                wanted = sorted({c for job in batch for c in job.choice_ids})
+                column = {c: k for k, c in enumerate(wanted)}
+                logits, _ = self._forward_last(batch, Columns(wanted))
+            else:
+                logits, _ = self._forward_last(batch)
             for i, job in enumerate(batch):
-                picked = logits[i, job.choice_ids].float().softmax(-1).tolist()
+                index = job.choice_ids if column is None else [column[c] for c in job.choice_ids]
+                picked = logits[i, index].float().softmax(-1).tolist()
                 scores = dict(zip(job.choices, picked, strict=True))
                 _resolve(job, Classification(scores=scores, prompt_tokens=len(job.prompt_ids)))
 
@@ -400,6 +440,8 @@ class LocalEngine:
 
     def _admit(self, rows: list[_Row], state: dict[str, Any], jobs: list[_GenerateJob]) -> list[_Row]:
         """Prefill new generation jobs and merge them into the running batch."""
+        if self._fast is not None:
+            return self._admit_fast(rows, state, jobs)
         from transformers import DynamicCache
 
         def run(batch: list[_GenerateJob]) -> tuple[list[_GenerateJob], Any, torch.Tensor, torch.Tensor]:
@@ -417,6 +459,32 @@ class LocalEngine:
                 _Row(job=j, position=len(j.prompt_ids), generator=self._generator(j.params)) for j in batch
             ]
             self._merge(state, cache, mask)
+            rows = rows + new_rows
+            self._advance(new_rows, logits)
+        return self._retire(rows, state)
+
+    def _admit_fast(self, rows: list[_Row], state: dict[str, Any], jobs: list[_GenerateJob]) -> list[_Row]:
+        assert self._fast is not None
+        slots = state.setdefault("slots", self._fast.new_cache(self.max_batch))
+
+        def run(batch: list[_GenerateJob]) -> tuple[list[_GenerateJob], torch.Tensor]:
+            # The new rows' keys/values go straight into free slots; they join the batch only on success.
+            reservation = slots.reserve(len(batch), max(len(j.prompt_ids) for j in batch))
+            logits, _ = self._forward_last(batch, reservation)
+            slots.commit(reservation)
+            return batch, logits
+
+        try:
+            prefilled = self._isolate(jobs, run)
+        except Exception as exc:
+            _resolve(jobs[0], error=EngineError(f"the model failed on this request: {exc}"))
+            if not rows:
+                state.clear()
+            return rows
+        for batch, logits in prefilled:
+            new_rows = [
+                _Row(job=j, position=len(j.prompt_ids), generator=self._generator(j.params)) for j in batch
+            ]
             rows = rows + new_rows
             self._advance(new_rows, logits)
         return self._retire(rows, state)
@@ -516,6 +584,9 @@ class LocalEngine:
         if not keep:
             state.clear()
             return []
+        if len(keep) < len(rows) and "slots" in state:
+            # fast: the last rows move into the freed slots; the rows follow the cache's new order.
+            return [rows[i] for i in state["slots"].retire(keep)]
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=self.device)
             state["cache"].batch_select_indices(index)
@@ -529,19 +600,24 @@ class LocalEngine:
         return [rows[i] for i in keep]
 
     def _decode_step(self, rows: list[_Row], state: dict[str, Any]) -> list[_Row]:
-        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
-        positions = torch.tensor([[r.position + len(r.generated) - 1] for r in rows], device=self.device)
-        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((len(rows), 1))], dim=1)
         try:
-            out = self._model(
-                input_ids=ids, attention_mask=state["mask"], position_ids=positions, cache=state["cache"],
-                use_cache=True, **self._adapter_kwargs([r.job.adapter for r in rows]),
-            )
+            if self._fast is not None:
+                logits = self._fast.decode(
+                    state["slots"], [r.generated[-1] for r in rows], [r.job.adapter for r in rows],
+                )
+            else:
+                ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
+                positions = torch.tensor([[r.position + len(r.generated) - 1] for r in rows], device=self.device)
+                state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((len(rows), 1))], dim=1)
+                logits = self._model(
+                    input_ids=ids, attention_mask=state["mask"], position_ids=positions, cache=state["cache"],
+                    use_cache=True, **self._adapter_kwargs([r.job.adapter for r in rows]),
+                ).logits[:, -1, :]
         except Exception as exc:
             log.exception("decode step failed")
             for r in rows:
                 _resolve(r.job, error=EngineError(f"the model failed while generating: {exc}"))
             state.clear()
             return []
-        self._advance(rows, out.logits[:, -1, :])
+        self._advance(rows, logits)
         return self._retire(rows, state)

@@ -21,12 +21,18 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture
-async def engine(tiny_base, tiny_adapters):
+def _engine(tiny_base, tiny_adapters, backend: str, max_batch: int = 8):
     from bot.engine_local import LocalEngine
 
     model, tok = load_model(tiny_base, dtype="float32", device="cpu")
-    eng = LocalEngine(model, tok, BaseModelRef("tiny", tiny_base), tiny_adapters, max_batch=8)
+    return LocalEngine(model, tok, BaseModelRef("tiny", tiny_base), tiny_adapters, max_batch=max_batch,
+                       backend=backend)
+
+
+@pytest.fixture(params=["fast", "peft"])
+async def engine(request, tiny_base, tiny_adapters):
+    eng = _engine(tiny_base, tiny_adapters, request.param)
+    assert eng.backend == request.param
     yield eng
     await eng.close()
 
@@ -135,3 +141,140 @@ async def test_cancelled_request_does_not_disturb_the_batch(engine):
     await asyncio.sleep(0.02)
     victim.cancel()
     assert (await keeper).text == (await engine.generate(PROMPTS[4][0], GREEDY, "story")).text
+
+
+# --------------------------------------------------------------------------- fast backend == PEFT reference
+
+
+async def _texts(eng, jobs, *, together: bool) -> list[tuple[str, int, str]]:
+    if together:
+        done = await asyncio.gather(*(eng.generate(p, params, a) for p, params, a in jobs))
+    else:
+        done = [await eng.generate(p, params, a) for p, params, a in jobs]
+    return [(g.text, g.completion_tokens, g.finish_reason) for g in done]
+
+
+async def test_fast_backend_generates_the_same_tokens_as_peft(tiny_base, tiny_adapters):
+    """Greedy, token for token: one at a time, as one mixed-adapter batch, and with rows joining a
+    running batch and leaving it (slot moves), past the cache's first 128 columns."""
+    long = SamplingParams(max_new_tokens=150)
+    jobs = [(p, GREEDY, a) for p, a in PROMPTS] + [(PROMPTS[1][0], long, "story"), (PROMPTS[0][0], long, None)]
+    results = {}
+    for backend in ("peft", "fast"):
+        eng = _engine(tiny_base, tiny_adapters, backend, max_batch=4)  # more jobs than rows: they queue
+        try:
+            alone = await _texts(eng, jobs, together=False)
+            together = await _texts(eng, jobs, together=True)
+            first = asyncio.ensure_future(eng.generate(PROMPTS[4][0], long, "story"))
+            await asyncio.sleep(0.05)
+            joined = await _texts(eng, jobs[:5], together=True)
+            results[backend] = (alone, together, joined, (await first).text)
+            longest = max(eng.count_tokens(p) + n for (p, _, _), (_, n, _) in zip(jobs, alone, strict=True))
+        finally:
+            await eng.close()
+    assert results["fast"] == results["peft"]
+    alone, together, joined, _ = results["fast"]
+    assert together == alone and joined == alone[:5]
+    assert longest > 128  # the slot cache had to grow past its first allocation
+
+
+async def test_fast_backend_classifies_like_peft(tiny_base, tiny_adapters):
+    prompt = "Text: I loved it\nSentiment (negative, neutral or positive):"
+    choices = [" negative", " neutral", " positive"]
+    scores = {}
+    for backend in ("peft", "fast"):
+        eng = _engine(tiny_base, tiny_adapters, backend)
+        try:
+            scores[backend] = await asyncio.gather(
+                *(eng.classify(prompt, choices, a) for a in ("sentiment", None, "ner")))
+        finally:
+            await eng.close()
+    for x, y in zip(scores["fast"], scores["peft"], strict=True):
+        for c in choices:
+            assert x.scores[c] == pytest.approx(y.scores[c], abs=1e-5)
+
+
+def test_fast_forward_matches_peft_logits_with_mixed_adapters(tiny_base, tiny_adapters):
+    """The batched LoRA (stacked A/B, per-row mask) against PEFT's per-adapter loop, logit by logit."""
+    import torch
+    from peft import PeftModel
+
+    from bot.fast_lora import FastLlama
+
+    names = ["sentiment", "ner", "qa", "story"]
+    ref_model, tok = load_model(tiny_base, dtype="float32", device="cpu")
+    ref = PeftModel.from_pretrained(ref_model, str(tiny_adapters / names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        ref.load_adapter(str(tiny_adapters / n), adapter_name=n)
+    ref.eval()
+    model, _ = load_model(tiny_base, dtype="float32", device="cpu")
+    fast = FastLlama(model)
+    for n in names:
+        fast.add_adapter(n, tiny_adapters / n)
+    prompt = tok(PROMPTS[3][0], add_special_tokens=False).input_ids
+    rows = [None, "story", "ner", None, "qa", "sentiment", "story"]
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([prompt] * len(rows)), logits_to_keep=1,
+                   adapter_names=[r or "__base__" for r in rows]).logits[:, -1]
+    got = fast.prefill([prompt] * len(rows), rows)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+    # Removing an adapter from the middle of the stacks leaves the others' results unchanged.
+    fast.remove_adapter("ner")
+    kept = [r for r in rows if r != "ner"]
+    assert torch.allclose(fast.prefill([prompt] * len(kept), kept), got[[i for i, r in enumerate(rows) if r != "ner"]],
+                          atol=1e-5)
+    fast.add_adapter("ner", tiny_adapters / "ner")
+    assert torch.allclose(fast.prefill([prompt] * len(rows), rows), got, atol=1e-5)
+
+
+def test_fast_backend_refuses_what_it_cannot_run(tiny_base, tiny_adapters, tmp_path):
+    import json
+
+    from bot.fast_lora import FastLlama, unsupported
+
+    model, _ = load_model(tiny_base, dtype="float32", device="cpu")
+    assert unsupported(model) is None
+    assert "LlamaForCausalLM" in unsupported(object())
+    fast = FastLlama(model)
+    dora = tmp_path / "dora"
+    shutil.copytree(tiny_adapters / "qa", dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        fast.add_adapter("dora", dora)
+    assert fast.adapters == {}
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_top_p_keeps_exactly_what_a_full_sort_keeps():
+    import torch
+
+    from bot.sampling import top_p_candidates
+
+    for seed, scale, top_p in [(0, 0.3, 0.95), (1, 3.0, 0.9), (2, 10.0, 0.5), (3, 1.0, 0.999), (4, 30.0, 0.1)]:
+        torch.manual_seed(seed)
+        probs = torch.softmax(torch.randn(5000) * scale, -1)
+        ordered, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(ordered, -1) - ordered < top_p
+        ids, kept = top_p_candidates(probs, top_p)
+        assert torch.equal(ids, order[keep]) and torch.equal(kept, ordered[keep])
+
+
+def test_sampling_among_top_p_candidates_has_the_filtered_distribution():
+    import torch
+
+    from bot.sampling import choose_next_tokens, top_p_filter
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -5.0]])
+    params = SamplingParams(temperature=0.9, top_p=0.8)
+    expected = top_p_filter(torch.softmax(logits[0] / 0.9, -1), 0.8)
+    expected = expected / expected.sum()
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.bincount(torch.tensor([choose_next_tokens(logits, [params], [[]], [gen])[0] for _ in range(n)]),
+                            minlength=8).double() / n
+    assert (counts[expected == 0] == 0).all()
+    assert torch.allclose(counts, expected.double(), atol=0.015)

@@ -1,0 +1,552 @@
+"""Fast inference for a Llama-shaped base model with many LoRA adapters applied per row at once.
+
+Used by ``bot.engine_local.LocalEngine`` in place of transformers + PEFT's ``adapter_names`` (which
+runs, in every layer and for every projection, one small forward per adapter present in the batch).
+What it does differently, all of it exact up to floating-point summation order:
+
+* fused projections: q/k/v in one matmul and gate/up in one; the transformers modules' weights become
+  views into the fused tensors, so no memory is duplicated and the reference forward still works;
+* batched LoRA (the Punica / S-LoRA idea): per layer and projection group the A matrices of every
+  loaded adapter are stacked (``[R_total, in]``) and so are the B matrices (``[R_total, out]``). A batch
+  whose rows use different adapters computes ``x @ A_stack^T``, multiplies it by a per-row mask that
+  keeps the row's own adapter's columns (times its scaling) and zeroes the rest, and adds
+  ``that @ B_stack``: two matmuls per group whatever the mix, and exactly 0 for rows without an adapter.
+  A batch that uses a single adapter only touches that adapter's slice;
+* a slot KV cache: every row keeps its keys/values from column 0 (no left padding), decoding writes one
+  column per row in place (no concatenation), a finished row's slot is refilled by moving the last row;
+* grouped-query attention without copying K/V: the query heads that share a K/V head are laid out as
+  extra query positions of that head;
+* prefill computes the last layer's attention output and MLP only at each row's last position, and
+  classification computes only the logits it needs.
+
+Greedy outputs equal those of transformers + PEFT (tests/test_engine_local.py checks it token for token).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gu": ("gate_proj", "up_proj"), "down": ("down_proj",),
+}
+MODULE_GROUP = {m: g for g, ms in GROUPS.items() for m in ms}
+_KEY = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+_proj)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+)
+
+
+def unsupported(model: Any) -> str | None:
+    """Why ``model`` cannot run on this path (None when it can)."""
+    cfg = getattr(model, "config", None)
+    if type(model).__name__ != "LlamaForCausalLM" or cfg is None:
+        return f"{type(model).__name__} is not a plain LlamaForCausalLM"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "the model has projection biases"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} is not silu"
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return f"RoPE type {rope.get('rope_type')!r} is not supported"
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return "pretraining_tp != 1"
+    return None
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    wqkv: torch.Tensor
+    wo: torch.Tensor
+    wgu: torch.Tensor
+    wdown: torch.Tensor
+
+
+@dataclass
+class _Adapter:
+    name: str
+    ranges: dict[str, tuple[int, int]]       # group -> [lo, hi) rows in that group's stacks
+    scaling: dict[str, list[float]]          # group -> one scaling per stacked row (per module)
+    nbytes: int = 0
+
+
+@dataclass
+class _Stack:
+    """One projection group's LoRA weights for all layers: A [L, cap, in], B [L, cap, out]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: torch.Tensor        # [cap] scaling of each stacked row
+    used: int = 0
+
+
+class _Sel:
+    """Which LoRA rows each token row uses, per group: None, or (lo, hi, multiplier [1 or N, hi-lo])."""
+
+    def __init__(self, groups: dict[str, tuple[int, int, torch.Tensor] | None], mixed: bool):
+        self.groups = groups
+        self.mixed = mixed
+
+    def rows(self, index: torch.Tensor) -> _Sel:
+        if not self.mixed:
+            return self
+        return _Sel({g: None if s is None else (s[0], s[1], s[2][index]) for g, s in self.groups.items()}, True)
+
+    def per_token(self, repeat: int) -> _Sel:
+        if not self.mixed or repeat == 1:
+            return self
+        return _Sel({g: None if s is None else (s[0], s[1], s[2].repeat_interleave(repeat, 0))
+                     for g, s in self.groups.items()}, True)
+
+
+@dataclass
+class Columns:
+    """Ask a prefill for the logits of these vocabulary ids only (classification)."""
+
+    ids: list[int]
+
+
+@dataclass
+class Reservation:
+    """Slots [start, start + rows) of a SlotCache that a prefill writes into; committed once it succeeds."""
+
+    cache: SlotCache
+    start: int
+    rows: int
+    width: int
+    lengths: list[int] = field(default_factory=list)
+
+
+class SlotCache:
+    """Keys/values of the running batch: ``kv[layer, row, k|v, kv_head, column, head_dim]``.
+
+    Row ``i`` holds its tokens in columns ``0 .. lens[i] - 1``; rows ``0 .. n - 1`` are in use. Columns
+    past a row's length may hold stale (finite) values: attention masks them, and ``written`` tracks how
+    far each slot was written so that stale values from an earlier occupant are cleared on reuse.
+    """
+
+    def __init__(self, fast: FastLlama, max_rows: int, max_len: int):
+        self.fast = fast
+        self.max_rows = max_rows
+        self.max_len = max_len
+        self.kv: torch.Tensor | None = None
+        self.n = 0
+        self.lens: list[int] = []
+        self.written: list[int] = []
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return (0, 0) if self.kv is None else (self.kv.shape[1], self.kv.shape[4])
+
+    @torch.inference_mode()
+    def _ensure(self, rows: int, cols: int) -> None:
+        cap_rows, cap_cols = self.capacity
+        if rows <= cap_rows and cols <= cap_cols:
+            return
+        f = self.fast
+        new_rows = max(rows, cap_rows, min(max(self.max_rows, rows), max(4, 2 * cap_rows)))
+        new_cols = max(cols, cap_cols)
+        new_cols = max(cols, min(self.max_len, -(-new_cols // 128) * 128))
+        kv = torch.zeros((f.n_layers, new_rows, 2, f.n_kv, new_cols, f.head_dim), dtype=f.dtype, device=f.device)
+        if self.kv is not None and self.n:
+            width = max(self.written[: self.n])
+            kv[:, : self.n, :, :, :width] = self.kv[:, : self.n, :, :, :width]
+        self.kv = kv
+        self.written = self.written[: self.n] + [0] * (new_rows - self.n)
+
+    @torch.inference_mode()
+    def reserve(self, rows: int, width: int) -> Reservation:
+        self._ensure(self.n + rows, width)
+        assert self.kv is not None
+        for s in range(self.n, self.n + rows):
+            if self.written[s] > width:
+                self.kv[:, s, :, :, width:self.written[s]].zero_()
+            self.written[s] = width
+        return Reservation(self, self.n, rows, width)
+
+    def commit(self, res: Reservation) -> None:
+        if res.start != self.n:
+            raise RuntimeError("reservations must be committed in order")
+        self.lens += res.lengths
+        self.n += res.rows
+
+    @torch.inference_mode()
+    def retire(self, keep: list[int]) -> list[int]:
+        """Keep rows ``keep`` (in that order of preference); returns the new order as old indices."""
+        n_new = len(keep)
+        kept = set(keep)
+        order: list[int] = [i for i in range(n_new)]
+        holes = [i for i in range(n_new) if i not in kept]
+        movers = [i for i in keep if i >= n_new]
+        assert self.kv is not None or not holes
+        for hole, mover in zip(holes, movers, strict=True):
+            assert self.kv is not None
+            w = self.written[mover]
+            self.kv[:, hole, :, :, :w] = self.kv[:, mover, :, :, :w]
+            if self.written[hole] > w:
+                self.kv[:, hole, :, :, w:self.written[hole]].zero_()
+            self.written[hole] = w
+            order[hole] = mover
+        self.lens = [self.lens[o] for o in order]
+        self.n = n_new
+        return order
+
+
+class FastLlama:
+    """A LlamaForCausalLM's weights prepared for batched multi-adapter inference (see module docstring)."""
+
+    def __init__(self, model: Any, *, max_context: int = 2048):
+        reason = unsupported(model)
+        if reason:
+            raise ValueError(reason)
+        cfg = model.config
+        llama = model.model
+        self.config = cfg
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.group = self.n_heads // self.n_kv
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.hidden = cfg.hidden_size
+        self.inter = cfg.intermediate_size
+        self.eps = float(cfg.rms_norm_eps)
+        self.scale = self.head_dim ** -0.5
+        self.embed = llama.embed_tokens.weight.detach()
+        self.head = model.lm_head.weight.detach()
+        self.norm = llama.norm.weight.detach()
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        self.q_dim = self.n_heads * self.head_dim
+        self.kv_dim = self.n_kv * self.head_dim
+        self.out_dims = {
+            "q_proj": (0, self.q_dim), "k_proj": (self.q_dim, self.q_dim + self.kv_dim),
+            "v_proj": (self.q_dim + self.kv_dim, self.q_dim + 2 * self.kv_dim), "o_proj": (0, self.hidden),
+            "gate_proj": (0, self.inter), "up_proj": (self.inter, 2 * self.inter), "down_proj": (0, self.hidden),
+        }
+        self.in_dims = {m: (self.inter if m == "down_proj" else self.q_dim if m == "o_proj" else self.hidden)
+                        for m in MODULE_GROUP}
+        self.layers = [self._fuse(layer) for layer in llama.layers]
+        self.max_context = min(max_context, cfg.max_position_embeddings)
+        self._rope(llama)
+        group_in = {"qkv": self.hidden, "o": self.q_dim, "gu": self.hidden, "down": self.inter}
+        group_out = {"qkv": self.q_dim + 2 * self.kv_dim, "o": self.hidden, "gu": 2 * self.inter, "down": self.hidden}
+        self._stacks = {g: self._empty_stack(group_in[g], group_out[g]) for g in GROUPS}
+        self.adapters: dict[str, _Adapter] = {}
+        self._sel_cache: dict[tuple[str | None, ...], _Sel | None] = {}
+
+    # ------------------------------------------------------------------ weights
+    def _fuse(self, layer: Any) -> _Layer:
+        """Fuse q/k/v and gate/up; the modules' own weights become views of the fused tensors."""
+        attn, mlp = layer.self_attn, layer.mlp
+        with torch.no_grad():
+            wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+            wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+            start = 0
+            for mod in (attn.q_proj, attn.k_proj, attn.v_proj):
+                rows = mod.weight.shape[0]
+                mod.weight = torch.nn.Parameter(wqkv[start:start + rows], requires_grad=False)
+                start += rows
+            mlp.gate_proj.weight = torch.nn.Parameter(wgu[: self.inter], requires_grad=False)
+            mlp.up_proj.weight = torch.nn.Parameter(wgu[self.inter:], requires_grad=False)
+        return _Layer(
+            ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
+            wqkv=wqkv, wo=attn.o_proj.weight.detach(), wgu=wgu, wdown=mlp.down_proj.weight.detach(),
+        )
+
+    def _rope(self, llama: Any) -> None:
+        """cos/sin per position, computed as transformers does; sin carries rotate_half's sign."""
+        rotary = llama.rotary_emb
+        inv_freq = rotary.inv_freq.to(device=self.device, dtype=torch.float32)
+        positions = torch.arange(self.max_context, device=self.device, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = getattr(rotary, "attention_scaling", 1.0)
+        cos = (emb.cos() * scaling).to(self.dtype)
+        sin = (emb.sin() * scaling).to(self.dtype)
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin_first_half, sin_second_half], exactly.
+        self._cos = cos
+        self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
+    def _empty_stack(self, d_in: int, d_out: int) -> _Stack:
+        z = torch.zeros
+        return _Stack(A=z((self.n_layers, 0, d_in), dtype=self.dtype, device=self.device),
+                      B=z((self.n_layers, 0, d_out), dtype=self.dtype, device=self.device),
+                      scale=z((0,), dtype=self.dtype, device=self.device))
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, path: Path) -> None:
+        """Load a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) and stack it."""
+        from safetensors.torch import load_file
+
+        if name in self.adapters:
+            self.remove_adapter(name)
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+            if config.get(key) == bad:
+                raise ValueError(f"{key} adapters are not supported by the fast engine (use backend='peft')")
+        if config.get("bias", "none") != "none" or config.get("rank_pattern") or config.get("alpha_pattern") or \
+                config.get("layers_to_transform") is not None:
+            raise ValueError("LoRA with bias, rank/alpha patterns or layers_to_transform is not supported by "
+                             "the fast engine (use backend='peft')")
+        r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        tensors = load_file(str(path / "adapter_model.safetensors"), device="cpu")
+        weights: dict[tuple[int, str, str], torch.Tensor] = {}
+        for key, value in tensors.items():
+            m = _KEY.search(key)
+            if m is None or m.group(2) not in MODULE_GROUP:
+                raise ValueError(f"tensor {key} is not a LoRA weight of a Llama projection")
+            weights[(int(m.group(1)), m.group(2), m.group(3))] = value
+        modules = sorted({k[1] for k in weights}, key=list(MODULE_GROUP).index)
+        for layer in range(self.n_layers):
+            for mod in modules:
+                a, b = weights.get((layer, mod, "A")), weights.get((layer, mod, "B"))
+                if a is None or b is None:
+                    raise ValueError(f"layer {layer} {mod}: lora_A/lora_B missing (partial adapters are not "
+                                     "supported by the fast engine)")
+                rank = a.shape[0]
+                if a.shape != (rank, self.in_dims[mod]) or b.shape != (self.out_dims[mod][1] - self.out_dims[mod][0],
+                                                                       rank):
+                    raise ValueError(f"layer {layer} {mod}: LoRA shapes {tuple(a.shape)}/{tuple(b.shape)} do not "
+                                     "fit the base model")
+        if len(weights) != 2 * self.n_layers * len(modules):
+            raise ValueError("the adapter has LoRA weights for layers the base model does not have")
+        ranges: dict[str, tuple[int, int]] = {}
+        scales: dict[str, list[float]] = {}
+        nbytes = 0
+        for g, members in GROUPS.items():
+            present = [m for m in members if m in modules]
+            stack = self._stacks[g]
+            ranks = [weights[(0, m, "A")].shape[0] for m in present]
+            total = sum(ranks)
+            lo = stack.used
+            ranges[g], scales[g] = (lo, lo + total), [scaling] * total
+            if not total:
+                continue
+            self._grow(stack, lo + total)
+            A = torch.zeros((self.n_layers, total, stack.A.shape[2]), dtype=self.dtype)
+            B = torch.zeros((self.n_layers, total, stack.B.shape[2]), dtype=self.dtype)
+            for layer in range(self.n_layers):
+                row = 0
+                for m, rank in zip(present, ranks, strict=True):
+                    out_lo, out_hi = self.out_dims[m]
+                    A[layer, row:row + rank] = weights[(layer, m, "A")].to(self.dtype)
+                    B[layer, row:row + rank, out_lo:out_hi] = weights[(layer, m, "B")].to(self.dtype).t()
+                    row += rank
+            stack.A[:, lo:lo + total] = A.to(self.device)
+            stack.B[:, lo:lo + total] = B.to(self.device)
+            stack.scale[lo:lo + total] = scaling
+            stack.used = lo + total
+            nbytes += (A.numel() + B.numel()) * A.element_size()
+        self.adapters[name] = _Adapter(name, ranges, scales, nbytes)
+        self._sel_cache.clear()
+
+    def _grow(self, stack: _Stack, need: int) -> None:
+        cap = stack.A.shape[1]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        for attr in ("A", "B"):
+            old = getattr(stack, attr)
+            t = torch.zeros((old.shape[0], new, old.shape[2]), dtype=old.dtype, device=old.device)
+            t[:, :stack.used] = old[:, :stack.used]
+            setattr(stack, attr, t)
+        scale = torch.zeros((new,), dtype=stack.scale.dtype, device=stack.scale.device)
+        scale[:stack.used] = stack.scale[:stack.used]
+        stack.scale = scale
+
+    def remove_adapter(self, name: str) -> None:
+        gone = self.adapters.pop(name)
+        for g, (lo, hi) in gone.ranges.items():
+            width = hi - lo
+            if not width:
+                continue
+            stack = self._stacks[g]
+            tail = slice(hi, stack.used)
+            for attr in ("A", "B"):
+                t = getattr(stack, attr)
+                t[:, lo:stack.used - width] = t[:, tail].clone()
+                t[:, stack.used - width:stack.used] = 0
+            stack.scale[lo:stack.used - width] = stack.scale[tail].clone()
+            stack.used -= width
+            for other in self.adapters.values():
+                a, b = other.ranges[g]
+                if a >= hi:
+                    other.ranges[g] = (a - width, b - width)
+        self._sel_cache.clear()
+
+    def adapter_bytes(self, name: str) -> int:
+        return self.adapters[name].nbytes
+
+    # ------------------------------------------------------------------ row -> adapter selection
+    def _selection(self, adapters: list[str | None]) -> _Sel | None:
+        key = tuple(adapters)
+        if key not in self._sel_cache:
+            if len(self._sel_cache) > 16:
+                self._sel_cache.clear()
+            self._sel_cache[key] = self._build_selection(adapters)
+        return self._sel_cache[key]
+
+    def _build_selection(self, adapters: list[str | None]) -> _Sel | None:
+        present = sorted({a for a in adapters if a is not None})
+        if not present:
+            return None
+        groups: dict[str, tuple[int, int, torch.Tensor] | None] = {}
+        mixed = len(present) > 1 or None in adapters
+        for g in GROUPS:
+            spans = [self.adapters[a].ranges[g] for a in present if self.adapters[a].ranges[g][1] >
+                     self.adapters[a].ranges[g][0]]
+            if not spans:
+                groups[g] = None
+                continue
+            lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+            scale = self._stacks[g].scale
+            if not mixed:
+                groups[g] = (lo, hi, scale[lo:hi].unsqueeze(0))
+                continue
+            mult = torch.zeros((len(adapters), hi - lo), dtype=self.dtype, device=self.device)
+            for i, a in enumerate(adapters):
+                if a is not None:
+                    a_lo, a_hi = self.adapters[a].ranges[g]
+                    mult[i, a_lo - lo:a_hi - lo] = scale[a_lo:a_hi]
+            groups[g] = (lo, hi, mult)
+        return _Sel(groups, bool(mixed))
+
+    # ------------------------------------------------------------------ the forward pass
+    def _proj(self, x: torch.Tensor, w: torch.Tensor, layer: int, group: str, sel: _Sel | None) -> torch.Tensor:
+        out = F.linear(x, w)
+        if sel is None:
+            return out
+        s = sel.groups[group]
+        if s is None:
+            return out
+        lo, hi, mult = s
+        stack = self._stacks[group]
+        a = F.linear(x, stack.A[layer, lo:hi])
+        a.mul_(mult)
+        out.addmm_(a, stack.B[layer, lo:hi])
+        return out
+
+    def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, sel: _Sel | None, attend: Any,
+                    last: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, D] -> hidden states after the last layer ([len(last), D] when ``last`` picks rows)."""
+        cos = self._cos[positions].unsqueeze(1)
+        sin = self._sin[positions].unsqueeze(1)
+        nq, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        half = hd // 2
+        qk_dim = self.q_dim + self.kv_dim
+        n_layers = self.n_layers
+        for i, lw in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), lw.ln1, self.eps)
+            qkv = self._proj(h, lw.wqkv, i, "qkv", sel)
+            qk = qkv[:, :qk_dim].view(-1, nq + nkv, hd)
+            qk = qk * cos + qk.roll(half, -1) * sin
+            q, k = qk[:, :nq], qk[:, nq:]
+            v = qkv[:, qk_dim:].view(-1, nkv, hd)
+            final = last is not None and i == n_layers - 1
+            o = attend(i, q, k, v, final)
+            if final:
+                assert last is not None
+                x = x[last]
+                sel = sel.rows(last) if sel is not None else None
+            x = x + self._proj(o, lw.wo, i, "o", sel)
+            h = F.rms_norm(x, (self.hidden,), lw.ln2, self.eps)
+            gu = self._proj(h, lw.wgu, i, "gu", sel)
+            act = F.silu(gu[:, :self.inter]) * gu[:, self.inter:]
+            x = x + self._proj(act, lw.wdown, i, "down", sel)
+        return x
+
+    def _logits(self, h: torch.Tensor, columns: Columns | None) -> torch.Tensor:
+        h = F.rms_norm(h, (self.hidden,), self.norm, self.eps)
+        head = self.head if columns is None else self.head[torch.tensor(columns.ids, device=self.device)]
+        return F.linear(h, head)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], adapters: list[str | None],
+                target: Reservation | Columns | None = None) -> torch.Tensor:
+        """Logits at each prompt's last position [B, V] (or [B, len(ids)] for ``Columns``).
+
+        With a ``Reservation`` the keys/values are written into its slots (commit it afterwards).
+        """
+        rows, width = len(prompts), max(len(p) for p in prompts)
+        lengths = [len(p) for p in prompts]
+        ids = torch.zeros((rows, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)
+        lens = torch.tensor(lengths, device=self.device)
+        positions = torch.arange(width, device=self.device).repeat(rows)
+        cols = torch.arange(width, device=self.device)
+        causal = cols[None, :] <= cols[:, None]                       # [T, T]
+        valid = cols[None, :] < lens[:, None]                         # [B, T]
+        mask = (causal[None] & valid[:, None, :]).repeat_interleave(self.group, dim=1).unsqueeze(1)
+        last_mask = valid[:, None, None, :]                           # [B, 1, 1, T]
+        last = torch.arange(rows, device=self.device) * width + lens - 1
+        sel = self._selection(adapters)
+        sel = sel.per_token(width) if sel is not None else None
+        res = target if isinstance(target, Reservation) else None
+        kv = res.cache.kv if res is not None else None
+        nkv, g, hd = self.n_kv, self.group, self.head_dim
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, final: bool) -> torch.Tensor:
+            k4 = k.view(rows, width, nkv, hd).transpose(1, 2)
+            v4 = v.view(rows, width, nkv, hd).transpose(1, 2)
+            if kv is not None:
+                assert res is not None
+                kv[layer, res.start:res.start + rows, 0, :, :width] = k4
+                kv[layer, res.start:res.start + rows, 1, :, :width] = v4
+            if final:
+                q4 = q[last].view(rows, nkv, g, hd)
+                out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=last_mask, scale=self.scale)
+                return out.reshape(rows, -1)
+            q4 = q.reshape(rows, width, nkv, g, hd).permute(0, 2, 1, 3, 4).reshape(rows, nkv, width * g, hd)
+            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=self.scale)
+            return out.view(rows, nkv, width, g, hd).permute(0, 2, 1, 3, 4).reshape(rows * width, -1)
+
+        x = F.embedding(ids.view(-1), self.embed)
+        h = self._run_layers(x, positions, sel, attend, last=last)
+        if res is not None:
+            res.lengths = lengths
+        return self._logits(h, target if isinstance(target, Columns) else None)
+
+    @torch.inference_mode()
+    def decode(self, cache: SlotCache, tokens: list[int], adapters: list[str | None]) -> torch.Tensor:
+        """One step for every row of ``cache`` (token i goes to row i); logits [n, V]."""
+        n = cache.n
+        assert len(tokens) == n == len(adapters)
+        cache._ensure(n, max(cache.lens) + 1)
+        assert cache.kv is not None
+        lens = torch.tensor(cache.lens, device=self.device)
+        width = max(cache.lens) + 1
+        rows = torch.arange(n, device=self.device)
+        mask = (torch.arange(width, device=self.device)[None, :] <= lens[:, None])[:, None, None, :]
+        kv = cache.kv
+        nkv, g, hd = self.n_kv, self.group, self.head_dim
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, final: bool) -> torch.Tensor:
+            kvl = kv[layer]
+            kvl[rows, :, :, lens] = torch.stack((k, v), dim=1)
+            out = F.scaled_dot_product_attention(
+                q.reshape(n, nkv, g, hd), kvl[:n, 0, :, :width], kvl[:n, 1, :, :width], attn_mask=mask,
+                scale=self.scale,
+            )
+            return out.reshape(n, -1)
+
+        x = F.embedding(torch.tensor(tokens, device=self.device), self.embed)
+        h = self._run_layers(x, lens, self._selection(adapters), attend)
+        for i in range(n):
+            cache.lens[i] += 1
+            cache.written[i] = max(cache.written[i], cache.lens[i])
+        return self._logits(h, None)
+
+    def new_cache(self, max_rows: int) -> SlotCache:
+        return SlotCache(self, max_rows, self.max_context)
