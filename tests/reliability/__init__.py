@@ -1,0 +1,1 @@
+"""Reliability: faults, hostile input, access rules, retention, load (see each module)."""
