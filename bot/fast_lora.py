@@ -4,8 +4,8 @@ Used by ``bot.engine_local.LocalEngine`` in place of transformers + PEFT's ``ada
 runs, in every layer and for every projection, one small forward per adapter present in the batch).
 What it does differently, all of it exact up to floating-point summation order:
 
-* fused projections: q/k/v in one matmul and gate/up in one; the transformers modules' weights become
-  views into the fused tensors, so no memory is duplicated and the reference forward still works;
+* the base weights are used where transformers loaded them (memory-mapped safetensors): nothing is
+  copied, so memory stays that of the model plus the adapters;
 * batched LoRA (the Punica / S-LoRA idea): per layer and projection group the A matrices of every
   loaded adapter are stacked (``[R_total, in]``) and so are the B matrices (``[R_total, out]``). A batch
   whose rows use different adapters computes ``x @ A_stack^T``, multiplies it by a per-row mask that
@@ -64,10 +64,10 @@ def unsupported(model: Any) -> str | None:
 class _Layer:
     ln1: torch.Tensor
     ln2: torch.Tensor
-    wqkv: torch.Tensor
-    wo: torch.Tensor
-    wgu: torch.Tensor
-    wdown: torch.Tensor
+    wqkv: tuple[torch.Tensor, ...]   # q, k, v (projection group "qkv")
+    wo: tuple[torch.Tensor, ...]
+    wgu: tuple[torch.Tensor, ...]    # gate, up
+    wdown: tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -233,7 +233,7 @@ class FastLlama:
         }
         self.in_dims = {m: (self.inter if m == "down_proj" else self.q_dim if m == "o_proj" else self.hidden)
                         for m in MODULE_GROUP}
-        self.layers = [self._fuse(layer) for layer in llama.layers]
+        self.layers = [self._weights(layer) for layer in llama.layers]
         self.max_context = min(max_context, cfg.max_position_embeddings)
         self._rope(llama)
         group_in = {"qkv": self.hidden, "o": self.q_dim, "gu": self.hidden, "down": self.inter}
@@ -243,22 +243,16 @@ class FastLlama:
         self._sel_cache: dict[tuple[str | None, ...], _Sel | None] = {}
 
     # ------------------------------------------------------------------ weights
-    def _fuse(self, layer: Any) -> _Layer:
-        """Fuse q/k/v and gate/up; the modules' own weights become views of the fused tensors."""
+    @staticmethod
+    def _weights(layer: Any) -> _Layer:
+        # Not fused into one q/k/v matrix: a fused copy would add ~280 MB (the originals stay mapped),
+        # and at these sizes the two extra matmul calls per group cost well under a millisecond.
         attn, mlp = layer.self_attn, layer.mlp
-        with torch.no_grad():
-            wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
-            wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
-            start = 0
-            for mod in (attn.q_proj, attn.k_proj, attn.v_proj):
-                rows = mod.weight.shape[0]
-                mod.weight = torch.nn.Parameter(wqkv[start:start + rows], requires_grad=False)
-                start += rows
-            mlp.gate_proj.weight = torch.nn.Parameter(wgu[: self.inter], requires_grad=False)
-            mlp.up_proj.weight = torch.nn.Parameter(wgu[self.inter:], requires_grad=False)
         return _Layer(
             ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
-            wqkv=wqkv, wo=attn.o_proj.weight.detach(), wgu=wgu, wdown=mlp.down_proj.weight.detach(),
+            wqkv=(attn.q_proj.weight.detach(), attn.k_proj.weight.detach(), attn.v_proj.weight.detach()),
+            wo=(attn.o_proj.weight.detach(),), wgu=(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()),
+            wdown=(mlp.down_proj.weight.detach(),),
         )
 
     def _rope(self, llama: Any) -> None:
@@ -422,8 +416,9 @@ class FastLlama:
         return _Sel(groups, bool(mixed))
 
     # ------------------------------------------------------------------ the forward pass
-    def _proj(self, x: torch.Tensor, w: torch.Tensor, layer: int, group: str, sel: _Sel | None) -> torch.Tensor:
-        out = F.linear(x, w)
+    def _proj(self, x: torch.Tensor, ws: tuple[torch.Tensor, ...], layer: int, group: str,
+              sel: _Sel | None) -> torch.Tensor:
+        out = F.linear(x, ws[0]) if len(ws) == 1 else torch.cat([F.linear(x, w) for w in ws], dim=-1)
         if sel is None:
             return out
         s = sel.groups[group]
