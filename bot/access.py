@@ -11,15 +11,16 @@ from bot.messages import Incoming
 
 
 def _ids(msg: Incoming) -> set[str]:
-    ids = {msg.user_id, f"{msg.platform}:{msg.user_id}"}
+    # A raw id that itself contains ":" ("telegram:1", "role:5") must not match qualified entries.
+    ids = {f"{msg.platform}:{msg.user_id}"} | ({msg.user_id} if ":" not in msg.user_id else set())
     ids |= {f"role:{r}" for r in msg.roles} | {f"{msg.platform}-role:{r}" for r in msg.roles}
     return ids
 
 
 def _chat_ids(msg: Incoming) -> set[str]:
-    ids = {msg.chat_id, f"{msg.platform}:{msg.chat_id}"}
+    ids = {f"{msg.platform}:{msg.chat_id}"} | ({msg.chat_id} if ":" not in msg.chat_id else set())
     if msg.guild_id:
-        ids |= {msg.guild_id, f"{msg.platform}:{msg.guild_id}"}
+        ids |= {f"{msg.platform}:{msg.guild_id}"} | ({msg.guild_id} if ":" not in msg.guild_id else set())
     return ids
 
 
@@ -34,7 +35,12 @@ class Access:
         if self.config.allowed_users and not (_ids(msg) & set(self.config.allowed_users)):
             return False
         chats = set(self.config.allowed_chats)
-        return not (msg.is_group and chats and not (_chat_ids(msg) & chats))
+        if not chats:
+            return True
+        if msg.is_group:
+            return bool(_chat_ids(msg) & chats)
+        # A DM is a chat too: open when a user list admitted this user, or when the DM itself is listed.
+        return bool(self.config.allowed_users) or bool(_chat_ids(msg) & chats)
 
     def is_admin(self, msg: Incoming) -> bool:
         return bool(_ids(msg) & set(self.config.admins))

@@ -26,7 +26,7 @@ MANIFEST_SCHEMA = 1
 WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # use with fullmatch: `$` also matches before "\n"
 RESERVED_NAMES = frozenset({"base", "__base__", "none", "chat"})
 
 
@@ -88,7 +88,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             if n > 100_000_000:
                 raise AdapterError(f"{path.name} is not a safetensors file (header length {n})")
             header = json.loads(f.read(n))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
         raise AdapterError(f"{path.name} is not a readable safetensors file: {exc}") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{path.name} is not a safetensors file")
@@ -100,7 +100,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdapterError(f"{path.name} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
         raise AdapterError(f"{path.name} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{path.name} must hold a JSON object")
@@ -110,7 +110,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def validate_adapter(path: Path, *, base_model: str | None = None, base_shape: str | None = None) -> AdapterInfo:
     """Check one adapter folder; raise AdapterError with the reason when it cannot be used."""
     name = path.name
-    if not NAME_RE.match(name) or name in RESERVED_NAMES:
+    if not NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
         raise AdapterError(
             f"folder name {name!r} is not a valid adapter name (lower-case letters, digits, '-' and '_'; "
             f"not one of {', '.join(sorted(RESERVED_NAMES))})"

@@ -163,7 +163,8 @@ def _db(config: Config, args: argparse.Namespace) -> int:
     path = Path(args.db) if args.db else config.path(config.store.path)
     if not path.exists():
         raise LorabotError(f"no database at {path}")
-    store = Store.open(path)
+    # Inspection only reads: it must work on a read-only copy (a backup, a read-only volume).
+    store = Store.open(path, read_only=args.action in ("stats", "check", "export", "unanswered"))
     try:
         if args.action == "stats":
             print(json.dumps(store.stats(), indent=2, ensure_ascii=False))
@@ -184,7 +185,10 @@ def _db(config: Config, args: argparse.Namespace) -> int:
             examples = store.export_chat_examples(only_positive_feedback=args.only_positive_feedback)
             lines = [json.dumps(e, ensure_ascii=False) for e in examples]
             if out:
-                out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+                try:
+                    out.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+                except OSError as exc:
+                    raise LorabotError(f"cannot write {out}: {exc.strerror or exc}") from None
                 print(f"wrote {len(lines)} conversations to {out}")
             else:
                 print("\n".join(lines))
@@ -194,6 +198,13 @@ def _db(config: Config, args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+def _days(value: str) -> int:
+    days = int(value)
+    if days < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {days}")
+    return days
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorabot", description="One small language model, specialised per task with LoRA adapters.",
@@ -214,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="the conversation database: stats, check, export, vacuum, purge")
     db.add_argument("action", choices=["stats", "check", "export", "vacuum", "purge", "unanswered"])
     db.add_argument("--db", help="database file (default: [store] path)")
-    db.add_argument("--days", type=int, default=30, help="purge: remove messages older than this")
+    db.add_argument("--days", type=_days, default=30, help="purge: remove messages older than this")
     db.add_argument("--out", help="export: JSONL file to write (default: stdout)")
     db.add_argument("--only-positive-feedback", action="store_true")
     try:

@@ -8,6 +8,7 @@ names of the environment variables that hold them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -170,6 +171,9 @@ def _check_value(key: str, value: Any, annotation: Any, problems: list[str]) -> 
             problems.append(f"{key}: expected a number, got {value!r}")
             return None
         value = float(value)
+        if not math.isfinite(value):
+            problems.append(f"{key}: must be a finite number; got {value!r}")
+            return None
     elif annotation is str and not isinstance(value, str):
         problems.append(f"{key}: expected a string, got {value!r}")
         return None
@@ -235,6 +239,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(str(p), [f"not valid UTF-8 (byte {exc.start})"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(p), [f"not valid TOML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError(str(p), ["not valid TOML: nested too deeply"]) from None
     return parse_config(data, str(p), root=p.resolve().parent)
 
 

@@ -93,7 +93,13 @@ class Core:
         if not self.access.allowed(msg):
             return Reply(text="Sorry, this bot is private: you are not on its list of allowed users.", kind="refusal")
         text = clean_input(msg.text or "")
-        user_id = await self.store.ensure_user(msg.platform, msg.user_id, msg.user_name)
+        # Context and names come from users too: the same cleaning as the text before anything uses them.
+        msg = replace(
+            msg, reply_to_text=clean_input(msg.reply_to_text) if msg.reply_to_text else None,
+            attachment_text=clean_input(msg.attachment_text) if msg.attachment_text else None,
+        )
+        name = clean_input(msg.user_name) or None if msg.user_name else None
+        user_id = await self.store.ensure_user(msg.platform, msg.user_id, name)
         chat_id = await self.store.ensure_chat(msg.platform, msg.chat_id)
         command, args = _parse_command(text)
         if command == "forget":  # nothing about the user may be written after this
@@ -124,6 +130,8 @@ class Core:
             completion_tokens=reply.usage.completion_tokens or None,
             result=reply.to_json() if reply.result is not None else None, incoming_status=status,
         )
+        if out_id is None:  # the user sent /forget while this was being answered: nothing is kept
+            return replace(reply, feedback=False)
         return replace(reply, message_id=out_id)
 
     async def feedback(self, platform: str, user_id: str, message_id: int, value: int) -> str:

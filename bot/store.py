@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -172,8 +173,13 @@ class Store:
                                  f"{exc.strerror or exc}") from exc
         try:
             if read_only:
-                conn = sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True,
-                                       check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+                uri = f"{file.resolve().as_uri()}?mode=ro"
+                wal = file.with_name(file.name + "-wal")
+                if not os.access(file.parent, os.W_OK) and not (wal.exists() and wal.stat().st_size):
+                    # WAL readers need to create the -shm file; in a read-only folder with nothing left in
+                    # the WAL, the main file alone is the whole database.
+                    uri += "&immutable=1"
+                conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
             else:
                 conn = sqlite3.connect(str(file), check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
         except sqlite3.Error as exc:
@@ -314,8 +320,9 @@ class Store:
                   adapter: str | None = None, status: str = "sent", latency_ms: float | None = None,
                   prompt_tokens: int | None = None, completion_tokens: int | None = None,
                   result: Mapping[str, Any] | SkillResult | None = None,
-                  incoming_status: str = "answered") -> int:
-        """Store the reply and settle the incoming message's status, atomically; returns the reply's id."""
+                  incoming_status: str = "answered") -> int | None:
+        """Store the reply and settle the incoming message's status, atomically; returns the reply's id,
+        or None when the question no longer exists (its user sent /forget while it was being answered)."""
         if status not in REPLY_STATUSES:
             raise ValueError(f"reply status must be one of {', '.join(REPLY_STATUSES)}; got {status!r}")
         if incoming_status not in INCOMING_STATUSES[1:]:
@@ -324,6 +331,8 @@ class Store:
             result = result.to_json()
         table = self.db.table("messages")
         with self.db.atomic():
+            if self._one("SELECT 1 FROM messages WHERE id = ?", [reply_to]) is None:
+                return None  # the question was deleted meanwhile (/forget): the answer is not kept either
             table.insert({
                 "chat_id": chat_id, "user_id": None, "direction": "out", "text": text, "skill": skill,
                 "adapter": adapter, "status": status, "reply_to": reply_to, "latency_ms": latency_ms,

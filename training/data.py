@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 import re
@@ -120,16 +121,22 @@ def _text_of(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(str(path), None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(str(path), None, f"cannot read the file: {exc.strerror or exc}") from None
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    for number, line in enumerate(_text_of(path).splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() also splits at U+2028/U+2029/U+0085, which JSON strings
+    # may contain raw (json.dumps(..., ensure_ascii=False) writes them so).
+    for number, line in enumerate(_text_of(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(str(path), number, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # a 5000-digit number; absurd nesting
+            raise DataError(str(path), number, f"malformed JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise DataError(str(path), number, f"expected a JSON object, got {type(obj).__name__}")
         yield number, obj
@@ -178,18 +185,22 @@ def read_sentiment(path: Path, labels: tuple[str, ...] = SentimentFormat.default
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.reader(_text_of(path).splitlines())
-    header = next(reader, None)
-    columns = [c.strip().lower() for c in header or []]
-    if "text" not in columns or "label" not in columns:
-        raise DataError(str(path), 1, f"wrong columns: expected a header row with text,label; got {header!r}")
-    for row in reader:
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(columns):
-            raise DataError(str(path), reader.line_num, f"wrong number of columns: {len(row)}, header has "
-                            f"{len(columns)} (quote texts that contain commas)")
-        yield reader.line_num, dict(zip(columns, row, strict=True))
+    # A file object, not a list of lines: quoted fields may span lines and keep their line breaks.
+    reader = csv.reader(io.StringIO(_text_of(path), newline=""))
+    try:
+        header = next(reader, None)
+        columns = [c.strip().lower() for c in header or []]
+        if "text" not in columns or "label" not in columns:
+            raise DataError(str(path), 1, f"wrong columns: expected a header row with text,label; got {header!r}")
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(columns):
+                raise DataError(str(path), reader.line_num, f"wrong number of columns: {len(row)}, header has "
+                                f"{len(columns)} (quote texts that contain commas)")
+            yield reader.line_num, dict(zip(columns, row, strict=True))
+    except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+        raise DataError(str(path), reader.line_num, f"malformed CSV: {exc}") from None
 
 
 def read_ner(path: Path, labels: tuple[str, ...] = ()) -> list[NERExample]:
@@ -294,6 +305,8 @@ def _qa_squad(path: Path) -> Iterator[tuple[int | None, str, dict[str, Any], str
         doc = json.loads(_text_of(path))
     except json.JSONDecodeError as exc:
         raise DataError(str(path), exc.lineno, f"malformed JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(str(path), None, f"malformed JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise DataError(str(path), None, 'not SQuAD format: expected {"data": [{"paragraphs": [...]}]}')
     # The nested file has no useful line numbers, so problems name the JSON position instead.

@@ -15,7 +15,7 @@ from bot.errors import AdapterError
 def check_name(out: Path) -> str:
     """The adapter name is the folder name; refuse a bad one before any training time is spent."""
     name = out.name
-    if not NAME_RE.match(name) or name in RESERVED_NAMES:
+    if not NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
         raise AdapterError(f"--out {out}: the folder name {name!r} is not a valid adapter name (lower-case "
                            f"letters, digits, '-' and '_'; not {', '.join(sorted(RESERVED_NAMES))})")
     return name

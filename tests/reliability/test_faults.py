@@ -341,8 +341,6 @@ def test_read_only_database_through_the_cli_is_one_clear_line(read_only_db: tupl
     assert vacuum.returncode == 2 and "read-only" in vacuum.stderr and "Traceback" not in vacuum.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `lorabot db stats|check|export|unanswered` only read, yet open the "
-                   "database read-write (WAL needs a writable folder), so a read-only copy cannot be inspected")
 def test_read_only_database_can_still_be_inspected(read_only_db: tuple[Path, Path]) -> None:
     db, _ = read_only_db
     result = lorabot("db", "stats", "--db", str(db), prefix=without_privileges())

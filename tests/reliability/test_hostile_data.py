@@ -108,30 +108,22 @@ def test_load_with_an_empty_selection_names_the_file(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- bugs found
 
 
-@pytest.mark.xfail(strict=True, reason="bug: json.loads raises RecursionError on deeply nested input; the readers "
-                   "catch only JSONDecodeError")
 @pytest.mark.parametrize(("task", "name"), [("chat", "c.jsonl"), ("qa", "q.json"), ("sentiment", "s.jsonl")])
 def test_deeply_nested_json_is_a_data_error(tmp_path: Path, task: str, name: str) -> None:
     (tmp_path / name).write_text("[" * 100_000, encoding="utf-8")
     _check(task, tmp_path / name)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a JSON integer over 4300 digits raises ValueError (int max str "
-                   "digits), not JSONDecodeError, so it escapes _jsonl")
 def test_a_huge_number_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "s.jsonl").write_text('{"text": "x", "label": ' + "9" * 5000 + "}\n", encoding="utf-8")
     _check("sentiment", tmp_path / "s.jsonl")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: csv.Error (a field over csv.field_size_limit, 128 KiB) escapes "
-                   "_csv_rows instead of becoming a DataError with the line")
 def test_an_oversized_csv_field_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "s.csv").write_text('text,label\n"' + "x" * 200_000 + '",positive\n', encoding="utf-8")
     _check("sentiment", tmp_path / "s.csv")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _text_of catches only UnicodeDecodeError; an unreadable file "
-                   "(PermissionError, EIO) escapes as OSError instead of a DataError naming it")
 def test_an_unreadable_file_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "s.jsonl"
     path.write_text(VALID[0][2], encoding="utf-8")
@@ -143,8 +135,6 @@ def test_an_unreadable_file_is_a_data_error(tmp_path: Path, monkeypatch: pytest.
     _check("sentiment", path)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _jsonl splits with str.splitlines(), which also breaks at U+2028, "
-                   "U+2029 and U+0085 inside JSON strings, so `lorabot db export` output is refused by read_chat")
 def test_exported_conversations_read_back(tmp_path: Path) -> None:
     with Store.open(tmp_path / "log.db") as store:
         chat, user = store.ensure_chat("test", "c"), store.ensure_user("test", "u")
@@ -157,8 +147,6 @@ def test_exported_conversations_read_back(tmp_path: Path) -> None:
     assert example.messages == (("user", "first line\u2028second line"), ("assistant", "answer\u0085with NEL"))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _csv_rows feeds csv.reader text.splitlines(), so a quoted field "
-                   "that spans lines silently loses its line break ('multi\\nline' is read as 'multiline')")
 def test_a_quoted_multi_line_csv_field_keeps_its_line_break(tmp_path: Path) -> None:
     (tmp_path / "s.csv").write_text('text,label\n"multi\nline",positive\n', encoding="utf-8")
     assert [e.text for e in D.read_sentiment(tmp_path / "s.csv")] == ["multi\nline"]

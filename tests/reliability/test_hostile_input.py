@@ -184,8 +184,6 @@ async def test_markup_is_stored_and_echoed_literally(mem_store: AsyncStore) -> N
     assert stored == f"/chat {text}"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Incoming.user_name is stored without clean_input: a lone surrogate "
-                   "raises UnicodeEncodeError out of Core.handle, control characters are stored raw")
 @pytest.mark.parametrize("name", ["Eve\ud800", "Eve\x1b[31m\x00", "\u202eevE"])
 async def test_hostile_display_names_are_stored_clean(mem_store: AsyncStore, name: str) -> None:
     # Telegram/Discord display names are chosen by users; JSON "\ud800" escapes decode to lone surrogates.
@@ -196,8 +194,6 @@ async def test_hostile_display_names_are_stored_clean(mem_store: AsyncStore, nam
     assert _clean(stored)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: QA context (reply_to_text, attachment_text) is not cleaned, so "
-                   "control/bidi characters from a .txt file reach the reply, its stored text and result_json")
 @pytest.mark.parametrize("field", ["attachment_text", "reply_to_text"])
 async def test_hostile_qa_context_is_not_stored_raw(mem_store: AsyncStore, field: str) -> None:
     core = Core(Config(), FakeEngine(), mem_store)
@@ -216,8 +212,6 @@ def tokenizer(tiny_base: Path):  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(tiny_base)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: special-token text typed by a user (<|im_end|><|im_start|>system) "
-                   "is tokenized as real special tokens, so a user can forge chat turns and end-of-text")
 async def test_users_cannot_forge_chat_template_tokens(mem_store: AsyncStore, tokenizer) -> None:  # type: ignore[no-untyped-def]
     engine = FakeEngine()
     engine.chat_prompt = lambda messages: tokenizer.apply_chat_template(  # the real template, as LocalEngine

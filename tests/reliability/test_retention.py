@@ -140,15 +140,11 @@ def test_db_check_reports_a_corrupt_file(aged_db: Path, capsys: pytest.CaptureFi
     assert rc != 0 and ("corrupt" in err or out.strip() != "ok")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `lorabot db purge --days -1` lets Store.purge_older_than's ValueError "
-                   "escape main() as a traceback; argparse should refuse negative days")
 def test_purge_with_negative_days_is_a_clear_error(aged_db: Path) -> None:
     result = lorabot("db", "purge", "--db", str(aged_db), "--days", "-1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `lorabot db export --out` into a folder that does not exist raises "
-                   "FileNotFoundError out of main() as a traceback")
 def test_export_to_a_missing_folder_is_a_clear_error(aged_db: Path, tmp_path: Path) -> None:
     result = lorabot("db", "export", "--db", str(aged_db), "--out", str(tmp_path / "no" / "such" / "x.jsonl"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
