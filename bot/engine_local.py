@@ -106,8 +106,10 @@ class LocalEngine:
     def __init__(
         self, model: Any, tokenizer: Any, base: BaseModelRef, adapters_dir: Path | None, *,
         max_batch: int = 16, batch_wait_ms: int = 5, max_context: int = 2048, backend: str = "auto",
+        cpu_kernel: bool = True,
     ):
-        """``backend``: "auto" (fast when the model supports it, else peft), "fast" or "peft"."""
+        """``backend``: "auto" (fast when the model supports it, else peft), "fast" or "peft";
+        ``cpu_kernel``: let the fast backend use its compiled small-batch matmul on x86 CPUs."""
         self.base_model = base.name
         self._base = base
         self._model = model              # the plain transformers model, or a PeftModel around it
@@ -128,7 +130,7 @@ class LocalEngine:
         if backend != "peft":
             reason = unsupported(model)
             if reason is None:
-                self._fast = FastLlama(model, max_context=self.max_context)
+                self._fast = FastLlama(model, max_context=self.max_context, cpu_kernel=cpu_kernel)
             elif backend == "fast":
                 raise EngineError(f"the fast backend cannot run this model: {reason}")
             else:
@@ -151,7 +153,7 @@ class LocalEngine:
         return cls(
             model, tokenizer, base, config.path(config.adapters.dir),
             max_batch=config.engine.max_batch, batch_wait_ms=config.engine.batch_wait_ms,
-            backend=getattr(config.engine, "backend", "auto"),
+            backend=getattr(config.engine, "backend", "auto"), cpu_kernel=getattr(config.engine, "cpu_kernel", True),
         )
 
     def _stop_token_ids(self) -> set[int]:

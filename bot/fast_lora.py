@@ -14,6 +14,8 @@ What it does differently, all of it exact up to floating-point summation order:
   A batch that uses a single adapter only touches that adapter's slice;
 * a slot KV cache: every row keeps its keys/values from column 0 (no left padding), decoding writes one
   column per row in place (no concatenation), a finished row's slot is refilled by moving the last row;
+* on x86 CPUs, small-batch matmuls run on ``bot.cpu_kernels`` (an AVX2 kernel built on first use)
+  instead of the bundled BLAS, which is slow for a few rows on AMD CPUs; torch's matmul otherwise;
 * grouped-query attention without copying K/V: the query heads that share a K/V head are laid out as
   extra query positions of that head;
 * prefill computes the last layer's attention output and MLP only at each row's last position, and
@@ -33,6 +35,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from bot import cpu_kernels
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gu": ("gate_proj", "up_proj"), "down": ("down_proj",),
@@ -80,7 +84,8 @@ class _Adapter:
 
 @dataclass
 class _Stack:
-    """One projection group's LoRA weights for all layers: A [L, cap, in], B [L, cap, out]."""
+    """One projection group's LoRA weights for all layers: A [L, cap, in] and B transposed, [L, out, cap]
+    (both keep the reduction dimension contiguous, the layout the small-batch kernel streams)."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -203,7 +208,9 @@ class SlotCache:
 class FastLlama:
     """A LlamaForCausalLM's weights prepared for batched multi-adapter inference (see module docstring)."""
 
-    def __init__(self, model: Any, *, max_context: int = 2048):
+    KERNEL_MAX_ROWS = 64  # above this many rows the bundled BLAS is as fast (measured)
+
+    def __init__(self, model: Any, *, max_context: int = 2048, cpu_kernel: bool = True):
         reason = unsupported(model)
         if reason:
             raise ValueError(reason)
@@ -241,6 +248,8 @@ class FastLlama:
         self._stacks = {g: self._empty_stack(group_in[g], group_out[g]) for g in GROUPS}
         self.adapters: dict[str, _Adapter] = {}
         self._sel_cache: dict[tuple[str | None, ...], _Sel | None] = {}
+        use_kernel = cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32
+        self.kernel = cpu_kernels.load() if use_kernel else None
 
     # ------------------------------------------------------------------ weights
     @staticmethod
@@ -273,7 +282,7 @@ class FastLlama:
     def _empty_stack(self, d_in: int, d_out: int) -> _Stack:
         z = torch.zeros
         return _Stack(A=z((self.n_layers, 0, d_in), dtype=self.dtype, device=self.device),
-                      B=z((self.n_layers, 0, d_out), dtype=self.dtype, device=self.device),
+                      B=z((self.n_layers, d_out, 0), dtype=self.dtype, device=self.device),
                       scale=z((0,), dtype=self.dtype, device=self.device))
 
     # ------------------------------------------------------------------ adapters
@@ -328,7 +337,7 @@ class FastLlama:
                 continue
             self._grow(stack, lo + total)
             A = torch.zeros((self.n_layers, total, stack.A.shape[2]), dtype=self.dtype)
-            B = torch.zeros((self.n_layers, total, stack.B.shape[2]), dtype=self.dtype)
+            B = torch.zeros((self.n_layers, total, stack.B.shape[1]), dtype=self.dtype)
             for layer in range(self.n_layers):
                 row = 0
                 for m, rank in zip(present, ranks, strict=True):
@@ -337,7 +346,7 @@ class FastLlama:
                     B[layer, row:row + rank, out_lo:out_hi] = weights[(layer, m, "B")].to(self.dtype).t()
                     row += rank
             stack.A[:, lo:lo + total] = A.to(self.device)
-            stack.B[:, lo:lo + total] = B.to(self.device)
+            stack.B[:, :, lo:lo + total] = B.transpose(1, 2).to(self.device)
             stack.scale[lo:lo + total] = scaling
             stack.used = lo + total
             nbytes += (A.numel() + B.numel()) * A.element_size()
@@ -349,11 +358,11 @@ class FastLlama:
         if need <= cap:
             return
         new = max(need, 2 * cap)
-        for attr in ("A", "B"):
-            old = getattr(stack, attr)
-            t = torch.zeros((old.shape[0], new, old.shape[2]), dtype=old.dtype, device=old.device)
-            t[:, :stack.used] = old[:, :stack.used]
-            setattr(stack, attr, t)
+        A = torch.zeros((stack.A.shape[0], new, stack.A.shape[2]), dtype=self.dtype, device=self.device)
+        A[:, :stack.used] = stack.A[:, :stack.used]
+        B = torch.zeros((stack.B.shape[0], stack.B.shape[1], new), dtype=self.dtype, device=self.device)
+        B[:, :, :stack.used] = stack.B[:, :, :stack.used]
+        stack.A, stack.B = A, B
         scale = torch.zeros((new,), dtype=stack.scale.dtype, device=stack.scale.device)
         scale[:stack.used] = stack.scale[:stack.used]
         stack.scale = scale
@@ -365,11 +374,11 @@ class FastLlama:
             if not width:
                 continue
             stack = self._stacks[g]
-            tail = slice(hi, stack.used)
-            for attr in ("A", "B"):
-                t = getattr(stack, attr)
-                t[:, lo:stack.used - width] = t[:, tail].clone()
-                t[:, stack.used - width:stack.used] = 0
+            tail, end = slice(hi, stack.used), stack.used - width
+            stack.A[:, lo:end] = stack.A[:, tail].clone()
+            stack.A[:, end:stack.used] = 0
+            stack.B[:, :, lo:end] = stack.B[:, :, tail].clone()
+            stack.B[:, :, end:stack.used] = 0
             stack.scale[lo:stack.used - width] = stack.scale[tail].clone()
             stack.used -= width
             for other in self.adapters.values():
@@ -416,9 +425,15 @@ class FastLlama:
         return _Sel(groups, bool(mixed))
 
     # ------------------------------------------------------------------ the forward pass
+    def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x @ w.T"""
+        if self.kernel is not None and x.shape[0] <= self.KERNEL_MAX_ROWS and cpu_kernels.usable(x, w):
+            return cpu_kernels.linear(x, w, torch.get_num_threads())
+        return F.linear(x, w)
+
     def _proj(self, x: torch.Tensor, ws: tuple[torch.Tensor, ...], layer: int, group: str,
               sel: _Sel | None) -> torch.Tensor:
-        out = F.linear(x, ws[0]) if len(ws) == 1 else torch.cat([F.linear(x, w) for w in ws], dim=-1)
+        out = self._mm(x, ws[0]) if len(ws) == 1 else torch.cat([self._mm(x, w) for w in ws], dim=-1)
         if sel is None:
             return out
         s = sel.groups[group]
@@ -426,9 +441,13 @@ class FastLlama:
             return out
         lo, hi, mult = s
         stack = self._stacks[group]
-        a = F.linear(x, stack.A[layer, lo:hi])
+        a = self._mm(x, stack.A[layer, lo:hi])
         a.mul_(mult)
-        out.addmm_(a, stack.B[layer, lo:hi])
+        bt = stack.B[layer, :, lo:hi]
+        if self.kernel is not None and a.shape[0] <= self.KERNEL_MAX_ROWS and cpu_kernels.usable(a, bt):
+            cpu_kernels.linear(a, bt, torch.get_num_threads(), out=out)
+        else:
+            out.addmm_(a, bt.t())
         return out
 
     def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, sel: _Sel | None, attend: Any,
@@ -463,7 +482,7 @@ class FastLlama:
     def _logits(self, h: torch.Tensor, columns: Columns | None) -> torch.Tensor:
         h = F.rms_norm(h, (self.hidden,), self.norm, self.eps)
         head = self.head if columns is None else self.head[torch.tensor(columns.ids, device=self.device)]
-        return F.linear(h, head)
+        return self._mm(h, head)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], adapters: list[str | None],

@@ -278,3 +278,27 @@ def test_sampling_among_top_p_candidates_has_the_filtered_distribution():
                             minlength=8).double() / n
     assert (counts[expected == 0] == 0).all()
     assert torch.allclose(counts, expected.double(), atol=0.015)
+
+
+# --------------------------------------------------------------------------- the small-batch CPU kernel
+
+
+def test_cpu_kernel_matches_torch_matmul():
+    import torch
+
+    from bot import cpu_kernels
+
+    if cpu_kernels.load() is None:
+        pytest.skip("no C compiler or no AVX2/FMA here: the engine uses torch's matmul")
+    gen = torch.Generator().manual_seed(0)
+    for m, n, k in [(1, 5, 8), (2, 64, 32), (3, 7, 24), (4, 1, 16), (7, 130, 64), (16, 96, 576), (30, 33, 40)]:
+        x = torch.randn(m, k, generator=gen)
+        w_full = torch.randn(n, k + 8, generator=gen)
+        w = w_full[:, 3:3 + k]   # strided rows, as a column slice of a transposed LoRA stack
+        assert cpu_kernels.usable(x, w)
+        want = x @ w.t()
+        assert torch.allclose(cpu_kernels.linear(x, w, 1), want, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(cpu_kernels.linear(x, w, 2), want, atol=1e-5, rtol=1e-5)
+        acc = torch.randn(m, n, generator=gen)
+        assert torch.allclose(cpu_kernels.linear(x, w, 2, out=acc.clone()), acc + want, atol=1e-5, rtol=1e-5)
+    assert not cpu_kernels.usable(torch.randn(2, 12), torch.randn(3, 12))  # K not a multiple of 8
