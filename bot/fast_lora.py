@@ -336,20 +336,18 @@ class FastLlama:
             if not total:
                 continue
             self._grow(stack, lo + total)
-            A = torch.zeros((self.n_layers, total, stack.A.shape[2]), dtype=self.dtype)
-            B = torch.zeros((self.n_layers, total, stack.B.shape[1]), dtype=self.dtype)
-            for layer in range(self.n_layers):
-                row = 0
-                for m, rank in zip(present, ranks, strict=True):
-                    out_lo, out_hi = self.out_dims[m]
-                    A[layer, row:row + rank] = weights[(layer, m, "A")].to(self.dtype)
-                    B[layer, row:row + rank, out_lo:out_hi] = weights[(layer, m, "B")].to(self.dtype).t()
-                    row += rank
-            stack.A[:, lo:lo + total] = A.to(self.device)
-            stack.B[:, :, lo:lo + total] = B.transpose(1, 2).to(self.device)
+            row = lo
+            for m, rank in zip(present, ranks, strict=True):
+                # One copy per module for all layers. The B file layout [out, r] is already the stack's
+                # (transposed) one; the other modules' output rows in these columns stay zero.
+                out_lo, out_hi = self.out_dims[m]
+                stack.A[:, row:row + rank] = torch.stack([weights[(i, m, "A")] for i in range(self.n_layers)])
+                stack.B[:, out_lo:out_hi, row:row + rank] = torch.stack(
+                    [weights[(i, m, "B")] for i in range(self.n_layers)])
+                row += rank
             stack.scale[lo:lo + total] = scaling
             stack.used = lo + total
-            nbytes += (A.numel() + B.numel()) * A.element_size()
+            nbytes += self.n_layers * total * (stack.A.shape[2] + stack.B.shape[1]) * stack.A.element_size()
         self.adapters[name] = _Adapter(name, ranges, scales, nbytes)
         self._sel_cache.clear()
 
