@@ -359,8 +359,9 @@ class LocalEngine:
             if block:
                 jobs.append(self._queue.get())
                 deadline = time.monotonic() + self.batch_wait
-                # Wait briefly for companions so that simultaneous requests share one batch.
-                while len(jobs) < self.max_batch:
+                # Wait briefly for companions so that simultaneous requests share one batch
+                # (not for a control job such as a reload: nothing batches with it).
+                while len(jobs) < self.max_batch and not isinstance(jobs[0], _ControlJob):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break

@@ -1,0 +1,132 @@
+"""Every CPU benchmark in one go (``make bench``), in about 15 minutes, then the summary table.
+
+    .venv/bin/python -m bench.all [--threads -1] [--quick]
+
+Each benchmark runs in its own process (so one's memory and threads do not colour the next) and
+writes its JSON (and PNG) into bench/results/: latency, concurrency, startup, train, gpu_check (a CPU
+smoke test of the GPU script when there is no CUDA device). The torch thread count is decided once,
+before anything runs (-1 = auto: all cores on an idle machine, 1 when other processes already use the
+CPU) and passed to each. Afterwards the headline figures are gathered into bench/results/summary.json
+with their baselines (measured in the same process as each figure) and the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, choose_threads, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (module, arguments, time limit in seconds); --quick runs each with smaller settings (a smoke test).
+PLAN: list[tuple[str, list[str], list[str], int]] = [
+    ("latency", ["--runs", "20", "--gen-runs", "3"], ["--runs", "3", "--gen-runs", "1"], 240),
+    ("concurrency", ["--chats", "1", "4", "8", "16", "--requests", "16"],
+     ["--chats", "1", "4", "--requests", "4", "--no-peft"], 330),
+    ("startup", ["--loads", "3"], ["--loads", "1"], 150),
+    ("train", ["--examples", "224", "--dev", "150"], ["--examples", "32", "--dev", "16"], 330),
+    ("gpu_check", [], [], 120),
+]
+
+# (figure, results file, value key, baseline key, target, test(value, results), what the baseline is)
+FIGURES: list[tuple[str, str, str, str | None, str, Any, str]] = [
+    ("sentiment_p50_ms", "latency", "sentiment_p50_ms", "sentiment_classify_p50_ms_peft", "<= 40 ms",
+     lambda v, r: v <= 40, "PEFT backend (classify alone, alternating)"),
+    ("mixed_vs_naive_16", "concurrency", "mixed_vs_naive_16", None, ">= 4x", lambda v, r: v >= 4,
+     "naive: one request at a time, set_adapter"),
+    ("aggregate_tok_s_16", "concurrency", "aggregate_tok_s_16", "naive_tok_s_16", ">= 300 tok/s",
+     lambda v, r: v >= 300, "naive"),
+    ("hotload_ms", "startup", "hotload_ms", "hotload_ms_peft", "<= 30 ms", lambda v, r: v <= 30,
+     "PEFT load_adapter"),
+    ("cold_start_s", "startup", "cold_start_s", "cold_start_s_peft", "<= 3 s", lambda v, r: v <= 3,
+     "PEFT backend"),
+    ("rss_mb", "startup", "rss_mb", "rss_mb_peft", "<= 600 MB", lambda v, r: v <= 600, "PEFT backend"),
+    ("train_speedup", "train", "train_speedup", None, ">= 1.5x, dev score >= baseline's",
+     lambda v, r: v >= 1.5 and r["dev_accuracy"] >= r["dev_accuracy_trainer"], "transformers.Trainer"),
+    ("gpu_tok_s_64", "gpu_check", "gpu_tok_s_64", None, ">= 10,000 tok/s", lambda v, r: v >= 10_000, ""),
+]
+
+
+def run(module: str, args: list[str], limit: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    print(f"\n=== bench.{module} {' '.join(args)}", flush=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=REPO, timeout=limit)
+        status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+    except subprocess.TimeoutExpired:
+        status = f"stopped after its {limit} s limit"
+    return {"status": status, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def load(name: str) -> dict[str, Any]:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def summary_rows(ran: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for figure, file, key, base_key, target, test, base_name in FIGURES:
+        data = load(file) if ran.get(file, {}).get("status") == "ok" else {}
+        value = data.get(key)
+        baseline = data.get(base_key) if base_key else None
+        if figure == "mixed_vs_naive_16":
+            baseline = 1.0
+        if figure == "train_speedup" and data:
+            baseline = 1.0
+        ratio = None
+        if isinstance(value, int | float) and isinstance(baseline, int | float) and baseline:
+            lower_is_better = figure in ("sentiment_p50_ms", "hotload_ms", "cold_start_s", "rss_mb")
+            ratio = round(baseline / value if lower_is_better else value / baseline, 2)
+        met = bool(test(value, data)) if isinstance(value, int | float) else None
+        note = data.get("note") or data.get("skipped") or ("" if data else ran.get(file, {}).get("status", ""))
+        rows.append({"figure": figure, "value": value, "baseline": baseline, "baseline_is": base_name,
+                     "ratio": ratio, "target": target, "met": met, "note": note})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=-1, help="-1 auto (1 on a shared CPU), 0 all cores")
+    parser.add_argument("--quick", action="store_true", help="small settings: checks that everything runs")
+    parser.add_argument("--only", nargs="+", help="run only these benchmarks (the summary reads the others' files)")
+    args = parser.parse_args()
+    threads, why = choose_threads(args.threads)
+    print(f"torch threads for every benchmark: {threads} ({why})", flush=True)
+    started = time.perf_counter()
+    ran: dict[str, dict[str, Any]] = {}
+    for module, full, quick, limit in PLAN:
+        if args.only and module not in args.only:
+            ran[module] = {"status": "ok" if (RESULTS / f"{module}.json").is_file() else "not run"}
+            continue
+        extra = quick if args.quick else full
+        if module == "gpu_check":
+            import torch
+
+            extra = [] if torch.cuda.is_available() else ["--device", "cpu", "--max-batch", "4"]
+        else:
+            extra = [*extra, "--threads", str(threads)]
+        ran[module] = run(module, extra, limit)
+    rows = summary_rows(ran)
+    total = round(time.perf_counter() - started, 1)
+    path = write_result("summary", {"threads": threads, "threads_choice": why, "total_s": total, "runs": ran,
+                                    "figures": rows})
+    print(f"\n{'figure':20} {'value':>10} {'baseline':>10} {'ratio':>7}  {'target':32} met")
+    for r in rows:
+        value = "-" if r["value"] is None else r["value"]
+        base = "-" if r["baseline"] is None else r["baseline"]
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']}x"
+        met = {True: "yes", False: "NO", None: "-"}[r["met"]]
+        print(f"{r['figure']:20} {value!s:>10} {base!s:>10} {ratio:>7}  {r['target']:32} {met}  {r['note']}")
+    done = ", ".join(f"{k} {v['status']} ({v.get('seconds', 0)} s)" for k, v in ran.items())
+    print(f"\nbenchmarks: {done}")
+    print(f"total {total} s; threads {threads} ({why}); wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
