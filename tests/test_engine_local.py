@@ -302,3 +302,15 @@ def test_cpu_kernel_matches_torch_matmul():
         acc = torch.randn(m, n, generator=gen)
         assert torch.allclose(cpu_kernels.linear(x, w, 2, out=acc.clone()), acc + want, atol=1e-3, rtol=1e-5)
     assert not cpu_kernels.usable(torch.randn(2, 12), torch.randn(3, 12))  # K not a multiple of 8
+
+
+def test_adapter_files_read_as_safetensors_reads_them(tiny_adapters):
+    import torch
+    from safetensors.torch import load_file
+
+    from bot.fast_lora import read_safetensors
+
+    path = tiny_adapters / "story" / "adapter_model.safetensors"
+    want, got = load_file(str(path)), read_safetensors(path)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) and want[k].dtype == got[k].dtype for k in want)
