@@ -534,7 +534,18 @@ class LocalEngine:
         params = [r.job.params for r in rows]
         seen = [r.job.prompt_ids + r.generated for r in rows] if any(
             p.repetition_penalty != 1.0 for p in params) else [[] for _ in rows]
-        chosen = choose_next_tokens(logits, params, seen, [r.generator for r in rows])
+        try:
+            chosen = choose_next_tokens(logits, params, seen, [r.generator for r in rows])
+        except Exception:  # one row's settings (e.g. a NaN temperature) must not fail the others
+            chosen = []
+            for i, row in enumerate(rows):
+                try:
+                    chosen += choose_next_tokens(logits[i:i + 1], [params[i]], [seen[i]], [row.generator])
+                except Exception as exc:
+                    log.exception("sampling failed for one request")
+                    _resolve(row.job, error=EngineError(f"the model failed on this request: {exc}"))
+                    row.job.cancelled = True  # settled: leaves the batch at the next retire
+                    chosen.append(-1)
         for row, token in zip(rows, chosen, strict=True):
             if row.job.cancelled:
                 row.finish = "cancelled"
