@@ -8,7 +8,8 @@ are answered:
   a plain transformers greedy loop with a DynamicCache (the baseline);
 * by the engine (fast backend) with N = 1, 4, 8, 16 simultaneous chats: chat i sends requests
   i, i+N, i+2N, ... one after the other, as a user waits for each answer;
-* by the engine's PEFT backend (``adapter_names`` per row), N = 16: the batched LoRA's ablation.
+* with ``--peft``, also by the engine's PEFT backend (``adapter_names`` per row), N = 16: the batched
+  LoRA's ablation (slow: off by default).
 
 Aggregate generated tokens/s = all completion tokens / wall time; per-chat latency = from sending a
 request to its complete answer (p50/p95 over the 16). The naive baseline serves one request at a time,
@@ -55,7 +56,7 @@ CHATS = ["What is the capital of France?", "Give me a tip for sleeping better.",
 NER = ["Angela Merkel met Emmanuel Macron in Paris to discuss the European Union budget.",
        "Apple opened a new office in London, said Tim Cook.", "Lionel Messi joined Inter Miami in the United States.",
        "The United Nations held a meeting in Geneva with officials from Kenya."]
-MAX_NEW = {"story": 48, "qa": 24, "chat": 40, "ner": 40}
+MAX_NEW = {"story": 40, "qa": 24, "chat": 32, "ner": 32}
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ async def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
         await engine.close()
 
         peft_run = None
-        if not args.no_peft:
+        if args.peft:
             peft_model, _ = load_model(base.path, dtype="float32", device="cpu")
             peft_engine = LocalEngine(peft_model, tok, base, adapters_dir, max_batch=max(args.chats), backend="peft")
             await engine_run(peft_engine, reqs[:4], 4)
@@ -290,7 +291,7 @@ def main() -> None:
     parser.add_argument("--chats", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--threads", type=int, default=-1, help="-1 auto (1 on a shared CPU), 0 all cores")
-    parser.add_argument("--no-peft", action="store_true", help="skip the PEFT-backend engine run")
+    parser.add_argument("--peft", action="store_true", help="also run the engine's PEFT backend at the most chats")
     args = parser.parse_args()
     threads, why = choose_threads(args.threads)
     results = asyncio.run(measure(args, threads))

@@ -3,10 +3,11 @@
     .venv/bin/python -m bench.latency [--runs 20] [--gen-runs N] [--threads -1]
 
 Reports median and p95 per skill (sentiment, NER, QA with a short answer, story first token and
-tokens/s, chat), the cold start (cached model: engine load in this process) to first reply, and writes
-bench/results/latency.json and latency.png. Uses the adapters of config.toml's folder when it holds
-valid ones, else random LoRA adapters of the real shape (one per skill), so adapter cost is included.
-``--gen-runs`` (default: ``--runs``) sets the runs of the generating skills (ner, qa, chat, story).
+tokens/s, chat; story and chat capped at 64 new tokens), the cold start (cached model: engine load in
+this process) to first reply, and writes bench/results/latency.json and latency.png. Uses the adapters
+of config.toml's folder when it holds valid ones, else random LoRA adapters of the real shape (one per
+skill), so adapter cost is included. ``--gen-runs`` (default: ``--runs``) sets the runs of the
+generating skills (ner, qa, chat, story).
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def main() -> None:
         base = resolve_base(config.model.base, progress=False)
         adapters_dir, note = adapters_for_bench(config.path(config.adapters.dir), base.path, base.name, Path(tmp))
         config = replace(config, store={"path": str(Path(tmp) / "bench.db")}, adapters={"dir": str(adapters_dir)},
-                         model={"threads": threads}, access={"rate_limit_per_minute": 0}, story={"max_new_tokens": 64})
+                         model={"threads": threads}, access={"rate_limit_per_minute": 0}, story={"max_new_tokens": 64},
+                         generation={"max_new_tokens": 64})
         results = asyncio.run(measure(config, args.runs, args.gen_runs))
     results["adapters_used"] = note
     results["threads"], results["threads_choice"] = threads, why
