@@ -30,7 +30,7 @@ PLAN: list[tuple[str, list[str], list[str], int]] = [
     ("concurrency", ["--chats", "1", "4", "8", "16", "--requests", "16"], ["--chats", "1", "4", "--requests", "4"],
      330),
     ("startup", ["--loads", "3"], ["--loads", "1"], 90),
-    ("train", ["--examples", "192", "--dev", "128"], ["--examples", "32", "--dev", "16"], 270),
+    ("train", ["--examples", "160", "--dev", "128"], ["--examples", "32", "--dev", "16"], 360),
     ("gpu_check", [], [], 60),
 ]
 
