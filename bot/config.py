@@ -36,6 +36,11 @@ class AdaptersConfig:
 class EngineConfig:
     max_batch: int = 16
     batch_wait_ms: int = 5
+    # "fast": lorabot's batched multi-adapter forward (bot/fast_lora.py); "peft": PEFT's reference
+    # implementation; "auto" picks fast whenever the model architecture supports it.
+    backend: str = "auto"
+    # A small-batch AVX2 matmul compiled on first use (CPU only; falls back to torch when unavailable).
+    cpu_kernel: bool = True
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "model.device": ("auto", "cpu", "cuda"),
     "telegram.mode": ("polling", "webhook"),
+    "engine.backend": ("auto", "fast", "peft"),
 }
 _NON_NEGATIVE = {
     "model.threads", "engine.batch_wait_ms", "store.retention_days", "access.rate_limit_per_minute",

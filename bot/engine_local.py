@@ -153,7 +153,7 @@ class LocalEngine:
         return cls(
             model, tokenizer, base, config.path(config.adapters.dir),
             max_batch=config.engine.max_batch, batch_wait_ms=config.engine.batch_wait_ms,
-            backend=getattr(config.engine, "backend", "auto"), cpu_kernel=getattr(config.engine, "cpu_kernel", True),
+            backend=config.engine.backend, cpu_kernel=config.engine.cpu_kernel,
         )
 
     def _stop_token_ids(self) -> set[int]:

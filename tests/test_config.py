@@ -30,16 +30,16 @@ def test_all_problems_reported_at_once_with_key_names(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(
         '[model]\ndtype = "float8"\nthreads = "two"\ncolour = 1\n'
-        "[engine]\nmax_batch = 0\n[generation]\ntop_p = 1.5\n[bogus]\nx = 1\n"
+        '[engine]\nmax_batch = 0\nbackend = "vllm"\ncpu_kernel = "yes"\n[generation]\ntop_p = 1.5\n[bogus]\nx = 1\n'
         '[access]\nadmins = "me"\n'
     )
     with pytest.raises(ConfigError) as err:
         load_config(path)
     message = str(err.value)
     for needle in ("model.dtype", "model.threads", "unknown key model.colour", "engine.max_batch",
-                   "generation.top_p", "unknown section [bogus]", "access.admins"):
+                   "engine.backend", "engine.cpu_kernel", "generation.top_p", "unknown section [bogus]", "access.admins"):
         assert needle in message
-    assert len(err.value.problems) == 7
+    assert len(err.value.problems) == 9
 
 
 def test_broken_toml_and_bad_encoding_are_clear(tmp_path):
