@@ -33,6 +33,7 @@ from bot.config import Config
 from bot.engine import Classification, Generation, SamplingParams, TextSink
 from bot.errors import AdapterError, EngineError
 from bot.fast_lora import Columns, FastLlama, unsupported
+from bot.light_model import LightModel, LightUnsupported, load_light
 from bot.models import BaseModelRef, load_model, resolve_base, shape_signature
 from bot.sampling import choose_next_tokens
 
@@ -122,15 +123,20 @@ class LocalEngine:
         self.max_batch = max_batch
         self.batch_wait = batch_wait_ms / 1000
         self.max_context = min(max_context, getattr(model.config, "max_position_embeddings", max_context))
-        self.device = next(model.parameters()).device
+        light = isinstance(model, LightModel)
+        self.device = model.device if light else next(model.parameters()).device
         self._eos_ids = self._stop_token_ids()
         self._fast: FastLlama | None = None
         if backend not in ("auto", "fast", "peft"):
             raise EngineError(f"unknown engine backend {backend!r} (auto, fast or peft)")
-        if backend != "peft":
+        if light:  # loaded without transformers (bot.light_model): only the fast backend can run it
+            if backend == "peft":
+                raise EngineError("the PEFT backend needs the model loaded by transformers (bot.models.load_model)")
+            self._fast = FastLlama(model.config, model.weights, max_context=self.max_context, cpu_kernel=cpu_kernel)
+        elif backend != "peft":
             reason = unsupported(model)
             if reason is None:
-                self._fast = FastLlama(model, max_context=self.max_context, cpu_kernel=cpu_kernel)
+                self._fast = FastLlama.from_model(model, max_context=self.max_context, cpu_kernel=cpu_kernel)
             elif backend == "fast":
                 raise EngineError(f"the fast backend cannot run this model: {reason}")
             else:
@@ -147,9 +153,18 @@ class LocalEngine:
     def from_config(cls, config: Config, *, progress: bool = True) -> LocalEngine:
         """Load the base model and every adapter (blocking: call it off the event loop)."""
         base = resolve_base(config.model.base, progress=progress)
-        model, tokenizer = load_model(
-            base.path, dtype=config.model.dtype, device=config.model.device, threads=config.model.threads,
-        )
+        model, tokenizer = None, None
+        if config.engine.backend != "peft":
+            try:  # without importing transformers: a much faster start and less memory
+                model, tokenizer = load_light(
+                    base.path, dtype=config.model.dtype, device=config.model.device, threads=config.model.threads,
+                )
+            except LightUnsupported as exc:
+                log.info("engine: loading %s with transformers (%s)", base.name, exc)
+        if model is None:
+            model, tokenizer = load_model(
+                base.path, dtype=config.model.dtype, device=config.model.device, threads=config.model.threads,
+            )
         return cls(
             model, tokenizer, base, config.path(config.adapters.dir),
             max_batch=config.engine.max_batch, batch_wait_ms=config.engine.batch_wait_ms,

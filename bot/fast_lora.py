@@ -51,20 +51,34 @@ _KEY = re.compile(
 
 
 def unsupported(model: Any) -> str | None:
-    """Why ``model`` cannot run on this path (None when it can)."""
+    """Why ``model`` (a transformers model) cannot run on this path (None when it can)."""
     cfg = getattr(model, "config", None)
     if type(model).__name__ != "LlamaForCausalLM" or cfg is None:
         return f"{type(model).__name__} is not a plain LlamaForCausalLM"
+    return unsupported_config(cfg)
+
+
+def unsupported_config(cfg: Any) -> str | None:
+    """Why a Llama config (transformers' or ``bot.light_model``'s) cannot run on this path."""
     if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
         return "the model has projection biases"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act!r} is not silu"
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        return f"RoPE type {rope.get('rope_type')!r} is not supported"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        return f"RoPE type {kind!r} is not supported"
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return "pretraining_tp != 1"
     return None
+
+
+def rope_inv_freq(cfg: Any) -> torch.Tensor:
+    """The default RoPE inverse frequencies, computed exactly as transformers computes them."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    base = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
 
 
 @dataclass
@@ -245,12 +259,14 @@ class FastLlama:
 
     KERNEL_MAX_ROWS = 64  # above this many rows the bundled BLAS is as fast (measured)
 
-    def __init__(self, model: Any, *, max_context: int = 2048, cpu_kernel: bool = True):
-        reason = unsupported(model)
+    def __init__(self, cfg: Any, weights: dict[str, torch.Tensor], *, max_context: int = 2048,
+                 cpu_kernel: bool = True, inv_freq: torch.Tensor | None = None, attention_scaling: float = 1.0):
+        """``cfg``: a Llama config; ``weights``: its tensors by transformers' names ("model.layers.0.
+        self_attn.q_proj.weight", ...; ``lm_head.weight`` may be absent when tied to the embeddings).
+        ``inv_freq``: RoPE frequencies (default: computed from ``cfg``)."""
+        reason = unsupported_config(cfg)
         if reason:
             raise ValueError(reason)
-        cfg = model.config
-        llama = model.model
         self.config = cfg
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
@@ -261,9 +277,13 @@ class FastLlama:
         self.inter = cfg.intermediate_size
         self.eps = float(cfg.rms_norm_eps)
         self.scale = self.head_dim ** -0.5
-        self.embed = llama.embed_tokens.weight.detach()
-        self.head = model.lm_head.weight.detach()
-        self.norm = llama.norm.weight.detach()
+        try:
+            self.embed = weights["model.embed_tokens.weight"]
+            self.head = weights.get("lm_head.weight", self.embed)
+            self.norm = weights["model.norm.weight"]
+            self.layers = [self._weights(weights, f"model.layers.{i}.") for i in range(self.n_layers)]
+        except KeyError as exc:
+            raise ValueError(f"the weights have no tensor {exc.args[0]}") from None
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         self.q_dim = self.n_heads * self.head_dim
@@ -275,9 +295,8 @@ class FastLlama:
         }
         self.in_dims = {m: (self.inter if m == "down_proj" else self.q_dim if m == "o_proj" else self.hidden)
                         for m in MODULE_GROUP}
-        self.layers = [self._weights(layer) for layer in llama.layers]
         self.max_context = min(max_context, cfg.max_position_embeddings)
-        self._rope(llama)
+        self._rope(rope_inv_freq(cfg) if inv_freq is None else inv_freq, attention_scaling)
         group_in = {"qkv": self.hidden, "o": self.q_dim, "gu": self.hidden, "down": self.inter}
         group_out = {"qkv": self.q_dim + 2 * self.kv_dim, "o": self.hidden, "gu": 2 * self.inter, "down": self.hidden}
         self._stacks = {g: self._empty_stack(group_in[g], group_out[g]) for g in GROUPS}
@@ -286,27 +305,35 @@ class FastLlama:
         use_kernel = cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32
         self.kernel = cpu_kernels.load() if use_kernel else None
 
+    @classmethod
+    def from_model(cls, model: Any, *, max_context: int = 2048, cpu_kernel: bool = True) -> FastLlama:
+        """From a loaded transformers LlamaForCausalLM, using its tensors where they are."""
+        reason = unsupported(model)
+        if reason:
+            raise ValueError(reason)
+        rotary = model.model.rotary_emb
+        return cls(model.config, model.state_dict(), max_context=max_context, cpu_kernel=cpu_kernel,
+                   inv_freq=rotary.inv_freq, attention_scaling=getattr(rotary, "attention_scaling", 1.0))
+
     # ------------------------------------------------------------------ weights
     @staticmethod
-    def _weights(layer: Any) -> _Layer:
+    def _weights(w: dict[str, torch.Tensor], prefix: str) -> _Layer:
         # Not fused into one q/k/v matrix: a fused copy would add ~280 MB (the originals stay mapped),
         # and at these sizes the two extra matmul calls per group cost well under a millisecond.
-        attn, mlp = layer.self_attn, layer.mlp
+        attn, mlp = prefix + "self_attn.", prefix + "mlp."
         return _Layer(
-            ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
-            wqkv=(attn.q_proj.weight.detach(), attn.k_proj.weight.detach(), attn.v_proj.weight.detach()),
-            wo=(attn.o_proj.weight.detach(),), wgu=(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()),
-            wdown=(mlp.down_proj.weight.detach(),),
+            ln1=w[prefix + "input_layernorm.weight"], ln2=w[prefix + "post_attention_layernorm.weight"],
+            wqkv=(w[attn + "q_proj.weight"], w[attn + "k_proj.weight"], w[attn + "v_proj.weight"]),
+            wo=(w[attn + "o_proj.weight"],), wgu=(w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]),
+            wdown=(w[mlp + "down_proj.weight"],),
         )
 
-    def _rope(self, llama: Any) -> None:
+    def _rope(self, inv_freq: torch.Tensor, scaling: float) -> None:
         """cos/sin per position, computed as transformers does; sin carries rotate_half's sign."""
-        rotary = llama.rotary_emb
-        inv_freq = rotary.inv_freq.to(device=self.device, dtype=torch.float32)
+        inv_freq = inv_freq.to(device=self.device, dtype=torch.float32)
         positions = torch.arange(self.max_context, device=self.device, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        scaling = getattr(rotary, "attention_scaling", 1.0)
         cos = (emb.cos() * scaling).to(self.dtype)
         sin = (emb.sin() * scaling).to(self.dtype)
         half = self.head_dim // 2

@@ -36,8 +36,8 @@ def test_all_problems_reported_at_once_with_key_names(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     message = str(err.value)
-    for needle in ("model.dtype", "model.threads", "unknown key model.colour", "engine.max_batch",
-                   "engine.backend", "engine.cpu_kernel", "generation.top_p", "unknown section [bogus]", "access.admins"):
+    for needle in ("model.dtype", "model.threads", "unknown key model.colour", "engine.max_batch", "engine.backend",
+                   "engine.cpu_kernel", "generation.top_p", "unknown section [bogus]", "access.admins"):
         assert needle in message
     assert len(err.value.problems) == 9
 

@@ -22,17 +22,23 @@ PROMPTS = [
 
 
 def _engine(tiny_base, tiny_adapters, backend: str, max_batch: int = 8):
+    """backend "light": the fast backend on a model loaded without transformers (bot.light_model)."""
     from bot.engine_local import LocalEngine
+    from bot.light_model import load_light
 
-    model, tok = load_model(tiny_base, dtype="float32", device="cpu")
+    if backend == "light":
+        model, tok = load_light(tiny_base, dtype="float32", device="cpu")
+        backend = "fast"
+    else:
+        model, tok = load_model(tiny_base, dtype="float32", device="cpu")
     return LocalEngine(model, tok, BaseModelRef("tiny", tiny_base), tiny_adapters, max_batch=max_batch,
                        backend=backend)
 
 
-@pytest.fixture(params=["fast", "peft"])
+@pytest.fixture(params=["fast", "peft", "light"])
 async def engine(request, tiny_base, tiny_adapters):
     eng = _engine(tiny_base, tiny_adapters, request.param)
-    assert eng.backend == request.param
+    assert eng.backend == {"light": "fast"}.get(request.param, request.param)
     yield eng
     await eng.close()
 
@@ -160,7 +166,7 @@ async def test_fast_backend_generates_the_same_tokens_as_peft(tiny_base, tiny_ad
     long = SamplingParams(max_new_tokens=150)
     jobs = [(p, GREEDY, a) for p, a in PROMPTS] + [(PROMPTS[1][0], long, "story"), (PROMPTS[0][0], long, None)]
     results = {}
-    for backend in ("peft", "fast"):
+    for backend in ("peft", "fast", "light"):
         eng = _engine(tiny_base, tiny_adapters, backend, max_batch=4)  # more jobs than rows: they queue
         try:
             alone = await _texts(eng, jobs, together=False)
@@ -172,7 +178,7 @@ async def test_fast_backend_generates_the_same_tokens_as_peft(tiny_base, tiny_ad
             longest = max(eng.count_tokens(p) + n for (p, _, _), (_, n, _) in zip(jobs, alone, strict=True))
         finally:
             await eng.close()
-    assert results["fast"] == results["peft"]
+    assert results["fast"] == results["peft"] == results["light"]
     alone, together, joined, _ = results["fast"]
     assert together == alone and joined == alone[:5]
     assert longest > 128  # the slot cache had to grow past its first allocation
@@ -182,16 +188,16 @@ async def test_fast_backend_classifies_like_peft(tiny_base, tiny_adapters):
     prompt = "Text: I loved it\nSentiment (negative, neutral or positive):"
     choices = [" negative", " neutral", " positive"]
     scores = {}
-    for backend in ("peft", "fast"):
+    for backend in ("peft", "fast", "light"):
         eng = _engine(tiny_base, tiny_adapters, backend)
         try:
             scores[backend] = await asyncio.gather(
                 *(eng.classify(prompt, choices, a) for a in ("sentiment", None, "ner")))
         finally:
             await eng.close()
-    for x, y in zip(scores["fast"], scores["peft"], strict=True):
+    for x, y, z in zip(scores["fast"], scores["peft"], scores["light"], strict=True):
         for c in choices:
-            assert x.scores[c] == pytest.approx(y.scores[c], abs=1e-5)
+            assert x.scores[c] == pytest.approx(y.scores[c], abs=1e-5) == z.scores[c]
 
 
 def test_fast_forward_matches_peft_logits_with_mixed_adapters(tiny_base, tiny_adapters):
@@ -208,7 +214,7 @@ def test_fast_forward_matches_peft_logits_with_mixed_adapters(tiny_base, tiny_ad
         ref.load_adapter(str(tiny_adapters / n), adapter_name=n)
     ref.eval()
     model, _ = load_model(tiny_base, dtype="float32", device="cpu")
-    fast = FastLlama(model)
+    fast = FastLlama.from_model(model)
     for n in names:
         fast.add_adapter(n, tiny_adapters / n)
     prompt = tok(PROMPTS[3][0], add_special_tokens=False).input_ids
@@ -236,7 +242,7 @@ def test_fast_backend_refuses_what_it_cannot_run(tiny_base, tiny_adapters, tmp_p
     model, _ = load_model(tiny_base, dtype="float32", device="cpu")
     assert unsupported(model) is None
     assert "LlamaForCausalLM" in unsupported(object())
-    fast = FastLlama(model)
+    fast = FastLlama.from_model(model)
     dora = tmp_path / "dora"
     shutil.copytree(tiny_adapters / "qa", dora)
     config = json.loads((dora / "adapter_config.json").read_text())

@@ -21,17 +21,18 @@ SHIPPED = ("sentiment", "ner", "qa", "story")
 
 
 def up_to_date(name: str) -> bool:
-    """The adapter exists, is valid, and was trained with exactly this recipe."""
+    """The adapter exists, is valid, and was trained with this recipe's data, model and hyperparameters
+    (run-local settings such as threads or the checkpoint folder do not count)."""
     from bot.adapters import validate_adapter
     from bot.errors import LorabotError
-    from training.config import load_config
+    from training.config import fingerprint, load_config
 
     out = REPO / "adapters" / name
     try:
         validate_adapter(out)
         used = tomllib.loads((out / "recipe.toml").read_text(encoding="utf-8"))
-        return used == load_config(HERE / f"{name}.toml")
-    except (LorabotError, OSError, tomllib.TOMLDecodeError):
+        return fingerprint(used) == fingerprint(load_config(HERE / f"{name}.toml"))
+    except (LorabotError, OSError, KeyError, tomllib.TOMLDecodeError):
         return False
 
 
