@@ -8,9 +8,11 @@
   and for the PEFT backend (``PeftModel.load_adapter``, the baseline). The files are in the page cache
   (as after any earlier start); memory per adapter is what its stacked LoRA weights take.
 * cold start: a fresh Python process (cached converted model) imports lorabot, loads the base model and
-  every adapter, opens the app and answers one ``/sentiment`` message through the core; measured from
-  spawning the process to the reply. Its RSS then (file-backed model pages included) is ``rss_mb``.
-  Both for the fast backend and for the PEFT backend (baseline).
+  every adapter as ``lorabot run`` does (``LocalEngine.from_config``: the fast backend reads the folder
+  without importing transformers, the PEFT backend through transformers), opens the app and answers one
+  ``/sentiment`` message through the core; measured from spawning the process to the reply. Its RSS
+  then (file-backed model pages included) is ``rss_mb``. Both for the fast backend and for the PEFT
+  backend (baseline).
 Uses the trained adapters when adapters/ holds them, else random ones of the real shape.
 Results: bench/results/startup.json and .png.
 """
@@ -100,19 +102,16 @@ async def child(backend: str, adapters_dir: Path, threads: int) -> None:
     from bot.config import Config, replace
     from bot.engine_local import LocalEngine
     from bot.messages import Incoming
-    from bot.models import BUNDLED, load_model, resolve_base
 
     torch_threads = threads
     marks["imports"] = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         config = replace(Config(), store={"path": str(Path(tmp) / "bot.db")}, adapters={"dir": str(adapters_dir)},
-                         model={"threads": torch_threads}, access={"rate_limit_per_minute": 0})
-        base = resolve_base(BUNDLED, progress=False)
-        model, tok = load_model(base.path, dtype=config.model.dtype, device=config.model.device,
-                                threads=config.model.threads)
-        marks["model_loaded"] = time.time()
-        engine = LocalEngine(model, tok, base, adapters_dir, backend=backend)
-        marks["adapters_attached"] = time.time()
+                         model={"threads": torch_threads}, access={"rate_limit_per_minute": 0},
+                         engine={"backend": backend})
+        # As `lorabot run` does: the fast backend loads the folder without transformers (bot/light_model.py).
+        engine = LocalEngine.from_config(config, progress=False)
+        marks["engine_loaded"] = time.time()
         async with open_app(config, engine=engine) as app:
             reply = await app.core.handle(Incoming(platform="bench", chat_id="c", user_id="u",
                                                    text="/sentiment What a wonderful film, I loved every minute."))
@@ -121,11 +120,11 @@ async def child(backend: str, adapters_dir: Path, threads: int) -> None:
             rss = rss_mb()
             adapters = sorted(engine.adapters)
     print(json.dumps({"backend": backend, "replied_at": replied, "rss_mb": round(rss, 1), "adapters": adapters,
-                      "threads": torch_threads, "phases_s": {
+                      "threads": torch_threads, "transformers_imported": "transformers" in sys.modules,
+                      "phases_s": {
                           "imports": round(marks["imports"] - marks["spawned_to_main"], 2),
-                          "model_load": round(marks["model_loaded"] - marks["imports"], 2),
-                          "adapters_attach": round(marks["adapters_attached"] - marks["model_loaded"], 2),
-                          "first_reply": round(replied - marks["adapters_attached"], 2)}}))
+                          "engine_load": round(marks["engine_loaded"] - marks["imports"], 2),
+                          "first_reply": round(replied - marks["engine_loaded"], 2)}}))
 
 
 def draw(results: dict[str, Any]) -> Any:
