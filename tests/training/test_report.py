@@ -1,0 +1,33 @@
+"""The README's adapter score table is made from the adapters' metrics.json files and stays equal to them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.report import END, START, table, update_readme
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_readme_table_is_the_adapters_measured_scores() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    assert section == table(REPO / "adapters"), "run: python -m training.report --readme README.md"
+
+
+def test_table_rows_and_readme_rewrite(tmp_path: Path) -> None:
+    folder = tmp_path / "adapters" / "mood"
+    folder.mkdir(parents=True)
+    metrics = {"task": "sentiment", "dev": {"sst2_dev": {"accuracy": 91.25, "macro_recall": 90.5, "n": 436}},
+               "base": {"sst2_dev": {"accuracy": 55.0, "macro_recall": 54.0, "n": 436}},
+               "train": {"read": 15000, "steps": 938, "time_s": 3000.0, "processes": 1, "threads": 1}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    text = table(tmp_path / "adapters")
+    cost = "15,000 examples, 938 steps, 50 min (1×1 thread)"
+    assert f"| mood | sst2_dev (436) | accuracy | 91.25 | 55.00 | {cost} |" in text
+    assert "| mood | sst2_dev (436) | macro-recall | 90.50 | 54.00 |  |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{START}\nold\n{END}\nafter\n")
+    assert update_readme(readme, text) and not update_readme(readme, text)
+    assert readme.read_text() == f"# x\n{START}\n{text}\n{END}\nafter\n"
