@@ -29,6 +29,7 @@ class Access:
         self.config = config
         self._clock = clock
         self._recent: dict[str, deque[float]] = {}
+        self._sweep_at = 1024  # entries; above it, users idle for a minute are forgotten (amortised O(1))
 
     def allowed(self, msg: Incoming) -> bool:
         """User allowlist everywhere; chat/guild allowlist in group chats (DMs follow the user list)."""
@@ -42,6 +43,10 @@ class Access:
         # A DM is a chat too: open when a user list admitted this user, or when the DM itself is listed.
         return bool(self.config.allowed_users) or bool(_chat_ids(msg) & chats)
 
+    def tracked_users(self) -> int:
+        """How many users the rate limiter currently remembers (bounded: idle ones are swept)."""
+        return len(self._recent)
+
     def is_admin(self, msg: Incoming) -> bool:
         return bool(_ids(msg) & set(self.config.admins))
 
@@ -51,6 +56,9 @@ class Access:
         if limit <= 0:
             return 0.0
         now = self._clock()
+        if len(self._recent) >= self._sweep_at:
+            self._recent = {k: w for k, w in self._recent.items() if w and now - w[-1] < 60.0}
+            self._sweep_at = max(1024, 2 * len(self._recent))
         window = self._recent.setdefault(f"{msg.platform}:{msg.user_id}", deque())
         while window and now - window[0] >= 60.0:
             window.popleft()

@@ -12,6 +12,7 @@ from typing import TextIO
 
 from bot.core import Core
 from bot.messages import Incoming
+from bot.text import terminal_safe
 
 QUIT = {"/quit", "/exit", ":q"}
 
@@ -52,7 +53,7 @@ async def _one(core: Core, text: str, user: str, out: TextIO) -> None:
     async def stream(so_far: str) -> None:
         nonlocal printed
         if so_far.startswith(printed):  # text already on screen cannot be taken back
-            out.write(so_far[len(printed):])
+            out.write(terminal_safe(so_far[len(printed):]))
             out.flush()
             printed = so_far
 
@@ -61,7 +62,7 @@ async def _one(core: Core, text: str, user: str, out: TextIO) -> None:
     )
     final = reply.text if reply else ""
     if final.startswith(printed):
-        out.write(final[len(printed):] + "\n")
+        out.write(terminal_safe(final[len(printed):]) + "\n")
     else:
-        out.write("\n" + final + "\n")
+        out.write("\n" + terminal_safe(final) + "\n")
     out.flush()

@@ -26,6 +26,13 @@ def clean_input(text: str) -> str:
     return _SPECIAL.sub(lambda m: f"<\u200b|{m[1]}|>", text)
 
 
+def terminal_safe(text: str) -> str:
+    """Text a terminal shows as text: no escape sequences or other control characters (a model can
+    generate ESC and friends, which would move the cursor or recolour the console), no bidi overrides.
+    Unlike ``clean_input`` it keeps surrounding whitespace, so streamed pieces join up unchanged."""
+    return "".join(ch for ch in text if ch in "\n\t" or (ch not in _BIDI and unicodedata.category(ch) != "Cc"))
+
+
 def render(result: SkillResult | None) -> str:
     if isinstance(result, Sentiment):
         emoji = _EMOJI.get(result.label, "•")
