@@ -47,7 +47,7 @@ async def hotload(backend: str, adapters_dir: Path, scratch: Path, loads: int) -
     live.mkdir()
     engine = LocalEngine(model, tok, base, live, backend=backend)
     # One request first, so that the timings below are of a warm, running engine.
-    await engine.classify("Text: hi\nSentiment (negative, neutral or positive):", [" negative", " positive"], None)
+    await engine.classify("Text: hi\nSentiment:", [" negative", " positive"], None)
     per_adapter: dict[str, list[float]] = {}
     memory: dict[str, float] = {}
     names = sorted(p.name for p in adapters_dir.iterdir() if (p / "adapter_model.safetensors").is_file())

@@ -156,8 +156,10 @@ class LocalEngine:
         model, tokenizer = None, None
         if config.engine.backend != "peft":
             try:  # without importing transformers: a much faster start and less memory
+                quantized = config.engine.cpu_kernel and config.engine.quantized
                 model, tokenizer = load_light(
                     base.path, dtype=config.model.dtype, device=config.model.device, threads=config.model.threads,
+                    gguf=base.gguf if quantized else None,
                 )
             except LightUnsupported as exc:
                 log.info("engine: loading %s with transformers (%s)", base.name, exc)

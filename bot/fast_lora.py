@@ -485,6 +485,8 @@ class FastLlama:
     # ------------------------------------------------------------------ the forward pass
     def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x @ w.T"""
+        if isinstance(w, cpu_kernels.Q41Weight):  # only handed over when the kernel is built
+            return cpu_kernels.linear_q41(x if x.stride(1) == 1 else x.contiguous(), w, torch.get_num_threads())
         if self.kernel is not None and x.shape[0] <= self.KERNEL_MAX_ROWS and cpu_kernels.usable(x, w):
             return cpu_kernels.linear(x, w, torch.get_num_threads())
         return F.linear(x, w)

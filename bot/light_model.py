@@ -155,9 +155,12 @@ def _weight_files(folder: Path) -> list[Path]:
     return []
 
 
-def load_light(folder: Path, *, dtype: str = "auto", device: str = "auto",
-               threads: int = 0) -> tuple[LightModel, LightTokenizer]:
-    """(model, tokenizer) for the fast engine; raises LightUnsupported when transformers is needed."""
+def load_light(folder: Path, *, dtype: str = "auto", device: str = "auto", threads: int = 0,
+               gguf: Path | None = None) -> tuple[LightModel, LightTokenizer]:
+    """(model, tokenizer) for the fast engine; raises LightUnsupported when transformers is needed.
+
+    ``gguf``: the Q4_1 GGUF the folder was converted from; on a CPU with the compiled kernel its
+    linear weights are used as they are in the file (the same values; see bot.gguf_weights)."""
     import torch
 
     from bot.fast_lora import read_safetensors
@@ -181,4 +184,25 @@ def load_light(folder: Path, *, dtype: str = "auto", device: str = "auto",
             # Floating tensors take the requested dtype (a copy only when it differs), as transformers does.
             keep = tensor.to(want) if tensor.is_floating_point() and tensor.dtype != want else tensor
             weights[name] = keep.to(dev) if dev.type != "cpu" else keep
-    return LightModel(config=read_config(folder), weights=weights, device=dev, dtype=want), tokenizer
+    config = read_config(folder)
+    if gguf is not None and dev.type == "cpu" and want == torch.float32:
+        weights.update(_quantized(gguf, config, weights))
+    return LightModel(config=config, weights=weights, device=dev, dtype=want), tokenizer
+
+
+def _quantized(gguf: Path, config: Any, weights: dict[str, Any]) -> dict[str, Any]:
+    """The GGUF's Q4_1 linear weights that match the folder's tensors, or nothing (kernel missing, a file
+    that cannot be read): the float weights always work, so this never fails the load."""
+    import logging
+
+    from bot import cpu_kernels
+    from bot.gguf_weights import GGUFError, quantized_linears
+
+    if cpu_kernels.load() is None:
+        return {}
+    try:
+        found = quantized_linears(gguf, config)
+    except (OSError, GGUFError) as exc:
+        logging.getLogger(__name__).info("engine: float weights (%s: %s)", gguf, exc)
+        return {}
+    return {k: w for k, w in found.items() if k in weights and tuple(weights[k].shape) == w.shape}

@@ -33,6 +33,7 @@ class BaseModelRef:
 
     name: str
     path: Path
+    gguf: Path | None = None  # the GGUF the folder was converted from (its quantised weights are usable)
 
 
 def cache_dir() -> Path:
@@ -61,7 +62,7 @@ def bundled_gguf_path() -> Path:
 def resolve_base(spec: str, *, progress: bool = True) -> BaseModelRef:
     """Turn ``[model] base`` into a folder with config.json + safetensors weights + tokenizer."""
     if spec == BUNDLED:
-        return BaseModelRef(BUNDLED_NAME, ensure_bundled_converted(progress=progress))
+        return BaseModelRef(BUNDLED_NAME, ensure_bundled_converted(progress=progress), bundled_gguf_path())
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -68,7 +68,7 @@ async def test_rows_joining_a_running_batch_get_the_same_answer(engine):
 
 
 async def test_classify_batches_and_sums_to_one(engine):
-    prompt = "Text: I loved it\nSentiment (negative, neutral or positive):"
+    prompt = "Text: I loved it\nSentiment:"
     choices = [" negative", " neutral", " positive"]
     alone = [await engine.classify(prompt, choices, a) for a in ("sentiment", None)]
     together = await asyncio.gather(*(engine.classify(prompt, choices, a) for a in ("sentiment", None)))
@@ -185,7 +185,7 @@ async def test_fast_backend_generates_the_same_tokens_as_peft(tiny_base, tiny_ad
 
 
 async def test_fast_backend_classifies_like_peft(tiny_base, tiny_adapters):
-    prompt = "Text: I loved it\nSentiment (negative, neutral or positive):"
+    prompt = "Text: I loved it\nSentiment:"
     choices = [" negative", " neutral", " positive"]
     scores = {}
     for backend in ("peft", "fast", "light"):

@@ -80,6 +80,8 @@ def write_card(path: Path, *, name: str, config: dict[str, Any], base_name: str,
         f"{train['processes']} process(es) x {train['threads']} thread(s), {train['dtype']}",
         f"- throughput: {train['tokens_per_s']:.0f} tokens/s (prompt + answer tokens)",
         f"- final training loss: {_fmt(train['final_loss'])}",
+        *([f"- weights: step {train['kept_step']} of {train['steps']}, the best periodic dev evaluation "
+           "(train.keep_best)"] if train.get("kept_step", train["steps"]) != train["steps"] else []),
         f"- LoRA: r={config['lora']['r']}, alpha={config['lora']['alpha']}, dropout={config['lora']['dropout']}, "
         f"on {', '.join(config['lora']['target_modules'])}; weights stored in bfloat16",
         f"- versions: torch {train['versions']['torch']}, transformers {train['versions']['transformers']}, "

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 NAME = "checkpoint"
+BEST = "best.safetensors"  # the LoRA weights of the best periodic evaluation (train.keep_best)
 
 
 def optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -84,6 +85,18 @@ def load(folder: Path) -> dict[str, Any]:
 def remove(run_dir: Path) -> None:
     for name in (NAME, f"{NAME}.tmp", f"{NAME}.old"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
+    (run_dir / BEST).unlink(missing_ok=True)
+
+
+def save_best(run_dir: Path, lora: dict[str, torch.Tensor]) -> None:
+    """Replace the best weights atomically: a crash leaves the previous best (or none), never half a file."""
+    tmp = run_dir / f"{BEST}.tmp"
+    save_file(lora, str(tmp))
+    tmp.replace(run_dir / BEST)
+
+
+def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / BEST))
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
         "eval_every": 200,         # steps between dev evaluations; 0 = only at the end
         "checkpoint_every": 50,    # steps between checkpoints; 0 = none
+        "keep_best": False,        # publish the weights of the best periodic dev evaluation, not the last step's
         "run_dir": "",             # default runs/NAME
         "trace": False,            # write runs/NAME/trace-rankN.jsonl (the examples each process saw)
     },
@@ -170,6 +171,8 @@ def _check(config: dict[str, Any]) -> list[str]:
             problems.append(f"train.{key}: must not be negative")
     if train["lr"] <= 0:
         problems.append("train.lr: must be positive")
+    if train["keep_best"] and not train["eval_every"]:
+        problems.append("train.keep_best: needs periodic evaluations (train.eval_every > 0)")
     if train["dtype"] not in ("auto", "float32", "bfloat16"):
         problems.append("train.dtype: auto, float32 or bfloat16")
     if lora["r"] < 1:
@@ -185,6 +188,8 @@ def fingerprint(config: dict[str, Any]) -> str:
     """What must not change between a run and its ``--resume`` (data order and weights depend on it)."""
     keep = {k: config[k] for k in ("task", "base", "seed", "labels", "data", "lora")}
     keep["train"] = {k: config["train"][k] for k in ("batch_size", "epochs", "max_steps", "max_length", "lr")}
+    if config["train"].get("keep_best"):  # older recipes lack the key: their fingerprints stay the same
+        keep["train"]["keep_best"] = True
     return json.dumps(keep, sort_keys=True)
 
 

@@ -30,7 +30,7 @@ from training.batching import Encoded, collate, encode, label_token_ids, length_
 from training.card import plot_curves, write_card
 from training.config import fingerprint, to_toml
 from training.data import Example
-from training.evaluate import PRIMARY, evaluate
+from training.evaluate import PRIMARY, evaluate, higher_is_better
 from training.model import LossModel, add_lora, load_base, load_trainable_state, save_adapter, trainable_state
 from training.output import check_name, publish
 
@@ -44,6 +44,7 @@ class State:
     evals: list[dict[str, Any]] = field(default_factory=list)    # {"step", "scores": {dev set: primary metric}}
     train_s: float = 0.0                                         # seconds in optimizer steps (no eval/checkpoints)
     tokens: int = 0                                              # tokens through the model, all processes
+    best: dict[str, Any] | None = None                           # keep_best: {"step", "score"} of the best eval
 
 
 @dataclass
@@ -108,7 +109,7 @@ def fit(run: Run) -> None:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
                             tok_s=f"{st.tokens / max(st.train_s, 1e-9):.0f}")
         if cfg["eval_every"] and st.step % cfg["eval_every"] == 0 and st.step < len(run.plan):
-            record_eval(run, evaluate_dev(run, run.config["eval"]["limit"]))
+            periodic_eval(run)
         if cfg["checkpoint_every"] and st.step % cfg["checkpoint_every"] == 0 and st.step < len(run.plan):
             save_checkpoint(run)
     bar.close()
@@ -140,6 +141,36 @@ def record_eval(run: Run, scores: dict[str, dict[str, Any]]) -> None:
     run.state.evals.append({"step": run.state.step, "scores": {k: v[metric] for k, v in scores.items()}})
     summary = ", ".join(f"{k} {metric} {v[metric]:.2f}" for k, v in scores.items())
     tqdm.write(f"step {run.state.step}: {summary}")
+
+
+def periodic_eval(run: Run) -> None:
+    """Score the dev sets (eval.limit examples each); with keep_best, remember the best weights so far.
+
+    The selection score is the mean of the primary metric over the dev sets (so an adapter with two
+    targets, such as sentiment on SST-2 and TweetEval, is not chosen for one of them alone).
+    """
+    scores = evaluate_dev(run, run.config["eval"]["limit"])
+    record_eval(run, scores)
+    if not run.config["train"]["keep_best"] or not run.accelerator.is_main_process:
+        return
+    metric, st = PRIMARY[run.config["task"]], run.state
+    value = sum(v[metric] for v in scores.values()) / len(scores)
+    if st.best is None or (value > st.best["score"] if higher_is_better(run.config["task"])
+                           else value < st.best["score"]):
+        checkpoint.save_best(run.run_dir, trainable_state(run.accelerator.unwrap_model(run.model)))
+        st.best = {"step": st.step, "score": value}
+        tqdm.write(f"step {st.step}: best so far ({metric} {value:.2f} averaged over the dev sets)")
+
+
+def restore_best(run: Run) -> None:
+    """keep_best: score the last step like the others, then load the best weights if they came earlier."""
+    st = run.state
+    if not st.evals or st.evals[-1]["step"] != st.step:
+        periodic_eval(run)
+    if run.accelerator.is_main_process and st.best is not None and st.best["step"] != st.step:
+        load_trainable_state(run.accelerator.unwrap_model(run.model), checkpoint.load_best(run.run_dir))
+        tqdm.write(f"keeping the weights of step {st.best['step']} (the best dev evaluation)")
+    run.accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -220,6 +251,8 @@ def train(config: dict[str, Any], out: Path, train_examples: list[Example], dev:
     if checkpoint.find(run_dir) and not resume:
         raise ConfigError(str(run_dir), ["holds a checkpoint of an earlier run: pass --resume to continue it, "
                                          "or delete the folder to start again"])
+    if cfg["keep_best"] and not dev:
+        raise ConfigError("train.keep_best", ["needs dev data to choose by (--dev or data.dev)"])
 
     base, tok, ref = load_base(config["base"], dtype=dtype, device=str(acc.device))
     encoded, skipped = encode(task, train_examples, tok, max_length=cfg["max_length"], labels=labels)
@@ -251,6 +284,8 @@ def train(config: dict[str, Any], out: Path, train_examples: list[Example], dev:
 
     if cfg["checkpoint_every"]:
         save_checkpoint(run)  # the weights are safe even if the final evaluation fails
+    if cfg["keep_best"]:
+        restore_best(run)
     scores = evaluate_dev(run, config["eval"]["final_limit"])
     record_eval(run, scores)
     base_scores = evaluate_dev(run, config["eval"]["final_limit"], base=True) if config["eval"]["base"] else {}
@@ -291,6 +326,7 @@ def _train_info(run: Run, n_examples: int, skipped: int, dtype: str) -> dict[str
         "epochs": run.config["train"]["epochs"], "tokens": sum(len(e.ids) for e in run.encoded),
         "tokens_seen": st.tokens, "time_s": st.train_s, "tokens_per_s": st.tokens / max(st.train_s, 1e-9),
         "final_loss": st.losses[-1][1] if st.losses else None, "processes": acc.num_processes,
+        "kept_step": st.best["step"] if st.best else len(run.plan),
         "threads": torch.get_num_threads(), "dtype": dtype, "device": str(acc.device),
         "machine": f"{_cpu_name()} ({os.cpu_count()} cores, {acc.device})",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

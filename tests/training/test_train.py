@@ -110,6 +110,48 @@ def test_adapter_folder_contents(tiny_base: Path, tmp_path: Path) -> None:
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_keep_best_publishes_the_best_evaluations_weights(tiny_base: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.keep_best: the dev score peaks at step 4 of 12, so step 4's weights are published."""
+    data = sentiment_file(tmp_path / "train.jsonl")
+    dev = write_jsonl(tmp_path / "sst.jsonl", [{"text": "good", "label": "positive"}])
+    peak = {2: 50.0, 4: 90.0, 6: 60.0, 8: 70.0, 10: 80.0, 12: 85.0}
+    snapshots: dict[int, dict[str, Any]] = {}
+    real_eval = T.evaluate_dev
+
+    def scripted_eval(run: T.Run, limit: int, *, base: bool = False) -> dict[str, dict[str, Any]]:
+        scores = real_eval(run, limit, base=base)
+        if not base and run.state.step not in snapshots:
+            snapshots[run.state.step] = {k: v.clone() for k, v in T.trainable_state(
+                run.accelerator.unwrap_model(run.model)).items()}
+            scores["sst"]["accuracy"] = peak[run.state.step]
+        return scores
+
+    monkeypatch.setattr(T, "evaluate_dev", scripted_eval)
+    cfg = config("sentiment", tiny_base, tmp_path, data, dev, "train.epochs=2", "train.eval_every=2",
+                 "train.keep_best=true", "eval.base=false")
+    out = tasks.sentiment(cfg, tmp_path / "adapters" / "mood")
+    assert sorted(snapshots) == [2, 4, 6, 8, 10, 12]  # the last step is scored like the others
+
+    def peft_name(name: str) -> str:  # LossModel parameter -> saved PEFT key
+        return name.removeprefix("model.").replace(".default.", ".")
+
+    published = lora_weights(out)
+    for step, same in ((4, True), (12, False)):
+        expected = {peft_name(k): v.to(published[peft_name(k)].dtype) for k, v in snapshots[step].items()}
+        assert set(expected) == set(published)
+        assert all(expected[k].equal(published[k]) for k in expected) is same
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["kept_step"] == 4
+    assert "step 4 of 12" in (out / "README.md").read_text()
+    assert not (tmp_path / "runs" / "best.safetensors").exists()  # cleaned up with the checkpoint
+
+
+def test_keep_best_needs_periodic_evaluations() -> None:
+    with pytest.raises(Exception, match="eval_every"):
+        load_config(None, ["train.keep_best=true", "train.eval_every=0"])
+
+
 def test_failed_run_leaves_previous_adapter(tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "adapters" / "sent"
     out.mkdir(parents=True)
