@@ -156,6 +156,50 @@ void lb_linear_q41(const float *x, long ldx, const unsigned char *w, long ldw, f
     }
 }
 
+/* GGUF Q8_0 rows to fp32: 34-byte blocks of fp16 d and 32 int8 q; w = d*q, exact in fp32 (11 x 8 bits). */
+static void q80_rows(const unsigned char *w, long ldw, int nr, long K, float *out) {
+    for (int r = 0; r < nr; r++) {
+        const unsigned char *row = w + r * ldw;
+        float *o = out + r * K;
+        for (long b = 0; b < K / 32; b++, o += 32) {
+            const unsigned char *blk = row + b * 34;
+            unsigned short hd;
+            memcpy(&hd, blk, 2);
+            __m256 d = _mm256_set1_ps(_cvtsh_ss(hd));
+            for (int p = 0; p < 4; p++) {
+                __m128i q = _mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * p));
+                _mm256_storeu_ps(o + 8 * p, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
+            }
+        }
+    }
+}
+
+/* The same with Q8_0 weights (the bundled model's token embeddings, which are also its output layer). */
+void lb_linear_q80(const float *x, long ldx, const unsigned char *w, long ldw, float *y, long ldy, long M, long N,
+                   long K, int add, int threads) {
+    long blocks = (N + 3) / 4;
+    long chunk = blocks / (threads * 8L);
+    if (chunk < 1) chunk = 1;
+    #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 8)
+    {
+        float *panel = (float *)_mm_malloc(4 * K * sizeof(float), 32);
+        #pragma omp for schedule(dynamic, chunk)
+        for (long b = 0; b < blocks; b++) {
+            long n = b * 4;
+            int nr = (int)(N - n < 4 ? N - n : 4);
+            q80_rows(w + n * ldw, ldw, nr, K, panel);
+            long m = 0;
+            for (; m + 3 <= M; m += 3) tile3(x + m * ldx, ldx, panel, K, K, y + m * ldy + n, ldy, nr, add);
+            for (; m < M; m++) tile1(x + m * ldx, panel, K, K, y + m * ldy + n, nr, add);
+        }
+        _mm_free(panel);
+    }
+}
+
+void lb_dequant_q80(const unsigned char *w, long ldw, long N, long K, float *out) {
+    for (long n = 0; n < N; n += 4) q80_rows(w + n * ldw, ldw, (int)(N - n < 4 ? N - n : 4), K, out + n * K);
+}
+
 /* Q4_1 rows to fp32 (tests, and embedding lookups of a quantised table). */
 void lb_dequant_q41(const unsigned char *w, long ldw, long N, long K, float *out) {
     for (long n = 0; n < N; n += 4) q41_rows(w + n * ldw, ldw, (int)(N - n < 4 ? N - n : 4), K, out + n * K);
@@ -201,6 +245,10 @@ def _build() -> Any:
     lib.lb_linear_q41.restype = None
     lib.lb_dequant_q41.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
     lib.lb_dequant_q41.restype = None
+    lib.lb_linear_q80.argtypes = lib.lb_linear.argtypes
+    lib.lb_linear_q80.restype = None
+    lib.lb_dequant_q80.argtypes = lib.lb_dequant_q41.argtypes
+    lib.lb_dequant_q80.restype = None
     return lib
 
 
@@ -242,14 +290,16 @@ def linear(x: Any, w: Any, threads: int, out: Any = None) -> Any:
     return y
 
 
-class Q41Weight:
-    """A linear layer's weight [N, K] kept as GGUF Q4_1 blocks (uint8 [N, K / 32 * 20], rows contiguous)."""
+class QuantWeight:
+    """A linear layer's weight [N, K] kept as GGUF blocks (uint8 [N, K / 32 * block bytes], rows contiguous);
+    the kernel expands them with results equal to the float weights'. Subclasses name the block type."""
 
-    BLOCK_BYTES = 20
+    BLOCK_BYTES = 0
+    _linear = _dequant = ""
 
     def __init__(self, blocks: Any, in_features: int):
         if in_features % 32 or blocks.dim() != 2 or blocks.shape[1] != in_features // 32 * self.BLOCK_BYTES:
-            raise ValueError(f"not Q4_1 rows of {in_features} weights: {tuple(blocks.shape)}")
+            raise ValueError(f"not {type(self).__name__} rows of {in_features} weights: {tuple(blocks.shape)}")
         self.blocks = blocks.contiguous()
         self.shape = (blocks.shape[0], in_features)
 
@@ -257,18 +307,34 @@ class Q41Weight:
     def nbytes(self) -> int:
         return self.blocks.numel()
 
-    def dequantize(self) -> Any:
+    def dequantize(self, rows: Any = None) -> Any:
+        """float32 [N, K], or only the given rows (an index tensor: embedding lookups)."""
         import torch
 
-        out = torch.empty(self.shape, dtype=torch.float32)
-        _lib.lb_dequant_q41(self.blocks.data_ptr(), self.blocks.stride(0), self.shape[0], self.shape[1],
-                            out.data_ptr())
+        blocks = self.blocks if rows is None else self.blocks[rows].contiguous()
+        out = torch.empty((blocks.shape[0], self.shape[1]), dtype=torch.float32)
+        getattr(_lib, self._dequant)(blocks.data_ptr(), blocks.stride(0), blocks.shape[0], self.shape[1],
+                                     out.data_ptr())
         return out
 
 
-def linear_q41(x: Any, w: Q41Weight, threads: int, out: Any = None) -> Any:
-    """``linear`` with Q4_1 weights (same sums as ``linear`` on the dequantised weights). ``x``: float32
-    [M, K] with unit column stride; needs ``load()`` to have worked."""
+class Q41Weight(QuantWeight):
+    """Q4_1: 20-byte blocks of fp16 d, fp16 m and 32 nibbles; w = d*q + m."""
+
+    BLOCK_BYTES = 20
+    _linear, _dequant = "lb_linear_q41", "lb_dequant_q41"
+
+
+class Q80Weight(QuantWeight):
+    """Q8_0: 34-byte blocks of fp16 d and 32 int8; w = d*q."""
+
+    BLOCK_BYTES = 34
+    _linear, _dequant = "lb_linear_q80", "lb_dequant_q80"
+
+
+def linear_quant(x: Any, w: QuantWeight, threads: int, out: Any = None) -> Any:
+    """``linear`` with block-quantised weights (the same sums as ``linear`` on the dequantised weights).
+    ``x``: float32 [M, K] with unit column stride; needs ``load()`` to have worked."""
     import torch
 
     m, k = x.shape
@@ -277,6 +343,6 @@ def linear_q41(x: Any, w: Q41Weight, threads: int, out: Any = None) -> Any:
     add = out is not None
     y = out if add else torch.empty((m, n), dtype=torch.float32)
     assert y.shape == (m, n) and y.stride(1) == 1
-    _lib.lb_linear_q41(x.data_ptr(), x.stride(0), w.blocks.data_ptr(), w.blocks.stride(0), y.data_ptr(),
-                       y.stride(0), m, n, k, int(add), threads)
+    getattr(_lib, w._linear)(x.data_ptr(), x.stride(0), w.blocks.data_ptr(), w.blocks.stride(0), y.data_ptr(),
+                             y.stride(0), m, n, k, int(add), threads)
     return y

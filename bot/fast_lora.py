@@ -284,8 +284,8 @@ class FastLlama:
             self.layers = [self._weights(weights, f"model.layers.{i}.") for i in range(self.n_layers)]
         except KeyError as exc:
             raise ValueError(f"the weights have no tensor {exc.args[0]}") from None
-        self.dtype = self.embed.dtype
-        self.device = self.embed.device
+        self.dtype = self.norm.dtype    # the embeddings may be quantised blocks (bot.gguf_weights)
+        self.device = self.norm.device
         self.q_dim = self.n_heads * self.head_dim
         self.kv_dim = self.n_kv * self.head_dim
         self.out_dims = {
@@ -485,8 +485,8 @@ class FastLlama:
     # ------------------------------------------------------------------ the forward pass
     def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x @ w.T"""
-        if isinstance(w, cpu_kernels.Q41Weight):  # only handed over when the kernel is built
-            return cpu_kernels.linear_q41(x if x.stride(1) == 1 else x.contiguous(), w, torch.get_num_threads())
+        if isinstance(w, cpu_kernels.QuantWeight):  # only handed over when the kernel is built
+            return cpu_kernels.linear_quant(x if x.stride(1) == 1 else x.contiguous(), w, torch.get_num_threads())
         if self.kernel is not None and x.shape[0] <= self.KERNEL_MAX_ROWS and cpu_kernels.usable(x, w):
             return cpu_kernels.linear(x, w, torch.get_num_threads())
         return F.linear(x, w)
@@ -541,8 +541,16 @@ class FastLlama:
 
     def _logits(self, h: torch.Tensor, columns: Columns | None) -> torch.Tensor:
         h = F.rms_norm(h, (self.hidden,), self.norm, self.eps)
-        head = self.head if columns is None else self.head[torch.tensor(columns.ids, device=self.device)]
+        if columns is None:
+            return self._mm(h, self.head)
+        ids = torch.tensor(columns.ids, device=self.device)
+        head = self.head.dequantize(ids) if isinstance(self.head, cpu_kernels.QuantWeight) else self.head[ids]
         return self._mm(h, head)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, cpu_kernels.QuantWeight):
+            return self.embed.dequantize(ids)
+        return F.embedding(ids, self.embed)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], adapters: list[str | None],
@@ -586,7 +594,7 @@ class FastLlama:
             out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=self.scale)
             return out.view(rows, nkv, width, g, hd).permute(0, 2, 1, 3, 4).reshape(rows * width, -1)
 
-        x = F.embedding(ids.view(-1), self.embed)
+        x = self._embed(ids.view(-1))
         h = self._run_layers(x, positions, sel, attend, last=last)
         if res is not None:
             res.lengths = lengths
@@ -615,7 +623,7 @@ class FastLlama:
             )
             return out.reshape(n, -1)
 
-        x = F.embedding(torch.tensor(tokens, device=self.device), self.embed)
+        x = self._embed(torch.tensor(tokens, device=self.device))
         h = self._run_layers(x, lens, self._selection(adapters), attend)
         for i in range(n):
             cache.lens[i] += 1

@@ -1,10 +1,11 @@
-"""The Q4_1 linear weights of a Llama GGUF file, for the fast engine's quantised matmul.
+"""The block-quantised (Q4_1, Q8_0) matrices of a Llama GGUF file, for the fast engine's kernels.
 
 The bundled model ships as a Q4_1 GGUF and is converted once to float32 safetensors (bot.models). Those
-float32 values are exactly ``d * q + m`` of the GGUF's 4-bit blocks, so the fast engine can keep the
-blocks themselves (0.625 bytes per weight instead of 4) and expand them inside its matmul kernel with
-identical results. This module parses the GGUF header itself: the ``gguf`` package's reader also
-decodes the whole 49k-entry vocabulary and takes seconds, while the tensor table is all we need.
+float32 values are exactly ``d * q + m`` of the GGUF's 4-bit blocks (``d * q`` of its 8-bit embeddings),
+so the fast engine can keep the blocks themselves (0.625 and 1.06 bytes per weight instead of 4) and
+expand them inside its matmul kernel with identical results. This module parses the GGUF header itself:
+the ``gguf`` package's reader also decodes the 49k-entry vocabulary and takes seconds, while the tensor
+table is all we need.
 Tensors stay views of one memory map of the file (nothing is copied except the q/k rows that
 transformers' loader reorders).
 """
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from bot.cpu_kernels import Q41Weight
+from bot.cpu_kernels import Q41Weight, Q80Weight, QuantWeight
 
-GGML_Q4_1 = 3
+GGML_Q4_1, GGML_Q8_0 = 3, 8
+BLOCK_TYPES: dict[int, type[QuantWeight]] = {GGML_Q4_1: Q41Weight, GGML_Q8_0: Q80Weight}
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
 # GGUF tensor names (blk.N.<kind>.weight) -> transformers' Llama module names.
@@ -104,9 +106,22 @@ def _unpermute_rows(n_rows: int, n_heads: int) -> Any:
     return torch.arange(n_rows).view(n_heads, half, 2).transpose(1, 2).reshape(n_rows)
 
 
-def quantized_linears(path: Path, cfg: Any) -> dict[str, Q41Weight]:
-    """Every Q4_1 linear weight of a Llama GGUF, by transformers' tensor name ("model.layers.0.self_attn.
-    q_proj.weight"); tensors of other types are left out (the caller keeps their float copies)."""
+def transformers_name(gguf_name: str) -> str | None:
+    """"blk.0.attn_q.weight" -> "model.layers.0.self_attn.q_proj.weight"; None for what is not a matrix
+    the fast engine multiplies by (norms)."""
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if gguf_name == "output.weight":
+        return "lm_head.weight"
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LINEARS and parts[3] == "weight":
+        return f"model.layers.{parts[1]}.{LINEARS[parts[2]]}.weight"
+    return None
+
+
+def quantized_weights(path: Path, cfg: Any) -> dict[str, QuantWeight]:
+    """The Q4_1 and Q8_0 matrices of a Llama GGUF (layers' linear weights, embeddings, output layer) by
+    transformers' tensor name; other tensors are left out (the caller keeps their float copies)."""
     import torch
 
     infos, data_start = read_tensor_table(path)
@@ -115,20 +130,22 @@ def quantized_linears(path: Path, cfg: Any) -> dict[str, Q41Weight]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "non-writable buffer": ACCESS_COPY pages are private anyway
         raw = torch.frombuffer(mapped, dtype=torch.uint8)
-    out: dict[str, Q41Weight] = {}
+    out: dict[str, QuantWeight] = {}
     for info in infos:
-        parts = info.name.split(".")
-        if info.ggml_type != GGML_Q4_1 or len(parts) != 4 or parts[0] != "blk" or parts[2] not in LINEARS:
+        name, kind = transformers_name(info.name), BLOCK_TYPES.get(info.ggml_type)
+        if name is None or kind is None:
             continue
         if len(info.dims) != 2 or info.dims[0] % 32:
             raise GGUFError(f"{info.name}: unexpected shape {info.dims}")
         k, n = info.dims
-        row_bytes = k // 32 * Q41Weight.BLOCK_BYTES
+        row_bytes = k // 32 * kind.BLOCK_BYTES
         begin = data_start + info.offset
+        if begin + n * row_bytes > raw.numel():
+            raise GGUFError(f"{info.name}: the file is shorter than its tensor table says")
         blocks = raw[begin:begin + n * row_bytes].view(n, row_bytes)
-        if parts[2] == "attn_q":
+        if name.endswith("q_proj.weight"):
             blocks = blocks[_unpermute_rows(n, cfg.num_attention_heads)]
-        elif parts[2] == "attn_k":
+        elif name.endswith("k_proj.weight"):
             blocks = blocks[_unpermute_rows(n, cfg.num_key_value_heads)]
-        out[f"model.layers.{parts[1]}.{LINEARS[parts[2]]}.weight"] = Q41Weight(blocks, k)
+        out[name] = kind(blocks, k)
     return out

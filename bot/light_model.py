@@ -191,17 +191,17 @@ def load_light(folder: Path, *, dtype: str = "auto", device: str = "auto", threa
 
 
 def _quantized(gguf: Path, config: Any, weights: dict[str, Any]) -> dict[str, Any]:
-    """The GGUF's Q4_1 linear weights that match the folder's tensors, or nothing (kernel missing, a file
+    """The GGUF's quantised matrices that match the folder's tensors, or nothing (kernel missing, a file
     that cannot be read): the float weights always work, so this never fails the load."""
     import logging
 
     from bot import cpu_kernels
-    from bot.gguf_weights import GGUFError, quantized_linears
+    from bot.gguf_weights import GGUFError, quantized_weights
 
     if cpu_kernels.load() is None:
         return {}
     try:
-        found = quantized_linears(gguf, config)
+        found = quantized_weights(gguf, config)
     except (OSError, GGUFError) as exc:
         logging.getLogger(__name__).info("engine: float weights (%s: %s)", gguf, exc)
         return {}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bot import cpu_kernels
-from bot.cpu_kernels import Q41Weight
-from bot.gguf_weights import GGUFError, quantized_linears, read_tensor_table
+from bot.cpu_kernels import Q41Weight, Q80Weight, QuantWeight
+from bot.gguf_weights import GGUFError, quantized_weights, read_tensor_table
 from bot.light_model import load_light
 from bot.models import BUNDLED, resolve_base
 
@@ -34,20 +34,41 @@ def reference_dequant(blocks: torch.Tensor, k: int) -> torch.Tensor:
     return (d * q + m).reshape(blocks.shape[0], k)
 
 
+def random_q80(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (n, k // 32, 34), dtype=torch.uint8, generator=g)
+    blocks[:, :, :2] = (torch.rand((n, k // 32, 1), generator=g) * 0.02).to(torch.float16).view(torch.uint8)
+    return blocks.view(n, k // 32 * 34)
+
+
+def reference_q80(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    b = blocks.view(blocks.shape[0], k // 32, 34)
+    d = b[:, :, 0:2].contiguous().view(torch.float16).float()
+    return (d * b[:, :, 2:].contiguous().view(torch.int8).float()).reshape(blocks.shape[0], k)
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 16, 65])
-def test_q41_matmul_equals_the_float_kernel_on_the_same_values(m: int) -> None:
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_quantised_matmul_equals_the_float_kernel_on_the_same_values(m: int, kind: str) -> None:
     n, k = 37, 96  # a ragged last group of output rows
-    w = Q41Weight(random_blocks(n, k), k)
+    if kind == "q4_1":
+        w: QuantWeight = Q41Weight(random_blocks(n, k), k)
+        reference = reference_dequant(w.blocks, k)
+    else:
+        w = Q80Weight(random_q80(n, k), k)
+        reference = reference_q80(w.blocks, k)
     dense = w.dequantize()
-    assert torch.equal(dense, reference_dequant(w.blocks, k))
+    assert torch.equal(dense, reference)
+    rows = torch.tensor([5, 0, 36, 5])
+    assert torch.equal(w.dequantize(rows), reference[rows])
     x = torch.randn(m, k)
-    assert torch.equal(cpu_kernels.linear_q41(x, w, 2), cpu_kernels.linear(x, dense, 2))
+    assert torch.equal(cpu_kernels.linear_quant(x, w, 2), cpu_kernels.linear(x, dense, 2))
     into_q = torch.randn(m, n)
     into_f = into_q.clone()
-    cpu_kernels.linear_q41(x, w, 1, out=into_q)
+    cpu_kernels.linear_quant(x, w, 1, out=into_q)
     cpu_kernels.linear(x, dense, 1, out=into_f)
     assert torch.equal(into_q, into_f)
-    assert torch.allclose(cpu_kernels.linear_q41(x, w, 1), x @ dense.T, atol=1e-4)
+    assert torch.allclose(cpu_kernels.linear_quant(x, w, 1), x @ dense.T, atol=1e-4)
 
 
 def test_a_file_that_is_not_gguf_is_refused_and_the_loader_keeps_float_weights(tiny_base: Path,
@@ -60,7 +81,7 @@ def test_a_file_that_is_not_gguf_is_refused_and_the_loader_keeps_float_weights(t
     with pytest.raises(GGUFError, match="truncated"):
         read_tensor_table(bad)
     model, _ = load_light(tiny_base, dtype="float32", gguf=bad)
-    assert not any(isinstance(w, Q41Weight) for w in model.weights.values())
+    assert not any(isinstance(w, QuantWeight) for w in model.weights.values())
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +93,9 @@ def bundled() -> tuple:
 
 def test_every_bundled_linear_weight_is_the_converted_copy_bit_for_bit(bundled: tuple) -> None:
     ref, (dense, _), _ = bundled
-    found = quantized_linears(ref.gguf, dense.config)
-    assert len(found) == 7 * dense.config.num_hidden_layers
+    found = quantized_weights(ref.gguf, dense.config)
+    assert len(found) == 7 * dense.config.num_hidden_layers + 1  # + the Q8_0 embeddings (tied output layer)
+    assert isinstance(found["model.embed_tokens.weight"], Q80Weight)
     for name, weight in found.items():
         assert torch.equal(weight.dequantize(), dense.weights[name]), name
 
@@ -82,7 +104,7 @@ def test_the_quantised_engine_answers_exactly_like_the_float_one(bundled: tuple)
     from bot.fast_lora import FastLlama
 
     _, (dense, tok), (quant, _) = bundled
-    assert sum(isinstance(w, Q41Weight) for w in quant.weights.values()) == 7 * quant.config.num_hidden_layers
+    assert sum(isinstance(w, QuantWeight) for w in quant.weights.values()) == 7 * quant.config.num_hidden_layers + 1
     engines = [FastLlama(m.config, m.weights) for m in (dense, quant)]
     adapters = Path(__file__).resolve().parents[1] / "adapters"
     for fast in engines:
