@@ -6,7 +6,8 @@ The same 16 requests (story, qa, chat, ner in turn: four adapters, chat on the b
 are answered:
 * naive: one request at a time, PEFT ``set_adapter`` (or ``disable_adapter`` for chat) between requests,
   a plain transformers greedy loop with a DynamicCache (the baseline);
-* by the engine (fast backend) with N = 1, 4, 8, 16 simultaneous chats: chat i sends requests
+* by the engine (fast backend, loaded as ``lorabot run`` loads it: bot.light_model with the bundled
+  GGUF's quantised weights) with N = 1, 4, 8, 16 simultaneous chats: chat i sends requests
   i, i+N, i+2N, ... one after the other, as a user waits for each answer;
 * with ``--peft``, also by the engine's PEFT backend (``adapter_names`` per row), N = 16: the batched
   LoRA's ablation (slow: off by default).
@@ -191,6 +192,7 @@ async def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
 
     from bot.adapters import scan_adapters
     from bot.engine_local import LocalEngine
+    from bot.light_model import load_light
     from bot.models import BUNDLED, load_model, resolve_base
 
     set_threads(threads)
@@ -199,12 +201,13 @@ async def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
         adapters_dir, adapters_note = adapters_for_bench(REPO / "adapters", base.path, base.name, Path(scratch))
         found, _ = scan_adapters(adapters_dir)
         by_task = {info.task: name for name, info in sorted(found.items())}
-        model, tok = load_model(base.path, dtype="float32", device="cpu")
-        engine = LocalEngine(model, tok, base, adapters_dir, max_batch=max(args.chats))
-        reqs = requests(tok, args.requests, by_task)
+        # The engine as `lorabot run` builds it (bot.light_model; the bundled GGUF's quantised weights).
+        light, light_tok = load_light(base.path, dtype="float32", gguf=base.gguf)
+        engine = LocalEngine(light, light_tok, base, adapters_dir, max_batch=max(args.chats))
         eos = engine._eos_ids
-        # The naive baseline: its own copy of the model with every adapter attached through PEFT.
-        naive_model, _ = load_model(base.path, dtype="float32", device="cpu")
+        # The naive baseline: its own copy of the model (transformers) with every adapter attached through PEFT.
+        naive_model, tok = load_model(base.path, dtype="float32", device="cpu")
+        reqs = requests(tok, args.requests, by_task)
         names = sorted(found)
         naive_model = PeftModel.from_pretrained(naive_model, str(adapters_dir / names[0]), adapter_name=names[0])
         for name in names[1:]:
