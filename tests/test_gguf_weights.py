@@ -101,7 +101,7 @@ def test_every_bundled_linear_weight_is_the_converted_copy_bit_for_bit(bundled: 
 
 
 def test_the_quantised_engine_answers_exactly_like_the_float_one(bundled: tuple) -> None:
-    from bot.fast_lora import FastLlama
+    from bot.fast_lora import Columns, FastLlama
 
     _, (dense, tok), (quant, _) = bundled
     assert sum(isinstance(w, QuantWeight) for w in quant.weights.values()) == 7 * quant.config.num_hidden_layers + 1
@@ -124,3 +124,7 @@ def test_the_quantised_engine_answers_exactly_like_the_float_one(bundled: tuple)
         runs.append(steps)
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+    # Classification reads a few rows of the (quantised) output layer: the same rows, the same scores.
+    labels = Columns([tok(" negative").input_ids[0], tok(" positive").input_ids[0]])
+    a, b = (fast.prefill(prompts[:1], [None], labels) for fast in engines)
+    assert torch.equal(a, b)

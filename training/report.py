@@ -31,7 +31,7 @@ def table(adapters_dir: Path) -> str:
         m = json.loads(metrics_file.read_text(encoding="utf-8"))
         task, train = m["task"], m["train"]
         cost = (f"{train['read']:,} examples, {train['steps']} steps, {train['time_s'] / 60:.0f} min "
-                f"({train['processes']}×{train['threads']} thread)")
+                f"({train['processes']}×{train['threads']} thread{'s' if train['threads'] > 1 else ''})")
         for data, scores in m["dev"].items():
             for key in SHOWN.get(task, (PRIMARY[task],)):
                 base = m.get("base", {}).get(data, {}).get(key)
