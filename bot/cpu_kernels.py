@@ -7,6 +7,10 @@ an EPYC: 3-7 GB/s of weights, M=4 slower than M=16). This kernel keeps a 3-row x
 registers, streams four weight rows at a time and splits the columns over threads dynamically (a
 thread that the OS deschedules does not hold the others back).
 
+The same tiles also run over weights kept as GGUF Q4_1 / Q8_0 blocks (``QuantWeight``): four rows at a
+time are expanded into a small float32 panel, exactly as the GGUF reference dequantises them, so the
+sums equal the float32 kernel's on the converted weights while the weights stay 6x (Q4_1) smaller.
+
 Optional: when there is no compiler, no AVX2/FMA, or the build fails, ``linear`` is None and callers
 use ``torch.nn.functional.linear``. Results equal a float32 matmul up to summation order.
 """
@@ -132,30 +136,6 @@ static void q41_rows(const unsigned char *w, long ldw, int nr, long K, float *ou
     }
 }
 
-/* lb_linear with Q4_1 weights (ldw in bytes, K % 32 == 0): each thread expands four weight rows at a time
-   into a small fp32 panel and runs the same tiles over it, so the sums are lb_linear's exactly while the
-   weights take 0.625 bytes each in memory instead of 4. */
-void lb_linear_q41(const float *x, long ldx, const unsigned char *w, long ldw, float *y, long ldy, long M, long N,
-                   long K, int add, int threads) {
-    long blocks = (N + 3) / 4;
-    long chunk = blocks / (threads * 8L);
-    if (chunk < 1) chunk = 1;
-    #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 8)
-    {
-        float *panel = (float *)_mm_malloc(4 * K * sizeof(float), 32);
-        #pragma omp for schedule(dynamic, chunk)
-        for (long b = 0; b < blocks; b++) {
-            long n = b * 4;
-            int nr = (int)(N - n < 4 ? N - n : 4);
-            q41_rows(w + n * ldw, ldw, nr, K, panel);
-            long m = 0;
-            for (; m + 3 <= M; m += 3) tile3(x + m * ldx, ldx, panel, K, K, y + m * ldy + n, ldy, nr, add);
-            for (; m < M; m++) tile1(x + m * ldx, panel, K, K, y + m * ldy + n, nr, add);
-        }
-        _mm_free(panel);
-    }
-}
-
 /* GGUF Q8_0 rows to fp32: 34-byte blocks of fp16 d and 32 int8 q; w = d*q, exact in fp32 (11 x 8 bits). */
 static void q80_rows(const unsigned char *w, long ldw, int nr, long K, float *out) {
     for (int r = 0; r < nr; r++) {
@@ -174,9 +154,13 @@ static void q80_rows(const unsigned char *w, long ldw, int nr, long K, float *ou
     }
 }
 
-/* The same with Q8_0 weights (the bundled model's token embeddings, which are also its output layer). */
-void lb_linear_q80(const float *x, long ldx, const unsigned char *w, long ldw, float *y, long ldy, long M, long N,
-                   long K, int add, int threads) {
+typedef void (*rows_fn)(const unsigned char *, long, int, long, float *);
+
+/* lb_linear with block-quantised weights (ldw in bytes, K % 32 == 0): each thread expands four weight
+   rows at a time into a small fp32 panel and runs the same tiles over it, so the sums are lb_linear's
+   exactly while the weights stay 0.625 (Q4_1) or 1.06 (Q8_0) bytes each in memory instead of 4. */
+static void linear_blocks(rows_fn expand, const float *x, long ldx, const unsigned char *w, long ldw, float *y,
+                          long ldy, long M, long N, long K, int add, int threads) {
     long blocks = (N + 3) / 4;
     long chunk = blocks / (threads * 8L);
     if (chunk < 1) chunk = 1;
@@ -187,13 +171,23 @@ void lb_linear_q80(const float *x, long ldx, const unsigned char *w, long ldw, f
         for (long b = 0; b < blocks; b++) {
             long n = b * 4;
             int nr = (int)(N - n < 4 ? N - n : 4);
-            q80_rows(w + n * ldw, ldw, nr, K, panel);
+            expand(w + n * ldw, ldw, nr, K, panel);
             long m = 0;
             for (; m + 3 <= M; m += 3) tile3(x + m * ldx, ldx, panel, K, K, y + m * ldy + n, ldy, nr, add);
             for (; m < M; m++) tile1(x + m * ldx, panel, K, K, y + m * ldy + n, nr, add);
         }
         _mm_free(panel);
     }
+}
+
+void lb_linear_q41(const float *x, long ldx, const unsigned char *w, long ldw, float *y, long ldy, long M, long N,
+                   long K, int add, int threads) {
+    linear_blocks(q41_rows, x, ldx, w, ldw, y, ldy, M, N, K, add, threads);
+}
+
+void lb_linear_q80(const float *x, long ldx, const unsigned char *w, long ldw, float *y, long ldy, long M, long N,
+                   long K, int add, int threads) {
+    linear_blocks(q80_rows, x, ldx, w, ldw, y, ldy, M, N, K, add, threads);
 }
 
 void lb_dequant_q80(const unsigned char *w, long ldw, long N, long K, float *out) {
