@@ -122,10 +122,11 @@ class _Sel:
             return self
         return _Sel({g: None if s is None else (s[0], s[1], s[2][index]) for g, s in self.groups.items()}, True)
 
-    def per_token(self, repeat: int) -> _Sel:
-        if not self.mixed or repeat == 1:
+    def per_token(self, lengths: torch.Tensor) -> _Sel:
+        """Row i's selection repeated for each of its ``lengths[i]`` tokens (packed prompts)."""
+        if not self.mixed:
             return self
-        return _Sel({g: None if s is None else (s[0], s[1], s[2].repeat_interleave(repeat, 0))
+        return _Sel({g: None if s is None else (s[0], s[1], s[2].repeat_interleave(lengths, 0))
                      for g, s in self.groups.items()}, True)
 
 
@@ -559,29 +560,34 @@ class FastLlama:
 
         With a ``Reservation`` the keys/values are written into its slots (commit it afterwards).
         """
+        # The prompts are packed (no padding) through the linear layers, which cost nearly everything;
+        # only attention sees them padded to the longest, [rows, width], where masks are simple.
         rows, width = len(prompts), max(len(p) for p in prompts)
         lengths = [len(p) for p in prompts]
-        ids = torch.zeros((rows, width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(self.device)
         lens = torch.tensor(lengths, device=self.device)
-        positions = torch.arange(width, device=self.device).repeat(rows)
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        padded_at = positions + torch.arange(rows, device=self.device).repeat_interleave(lens) * width
         cols = torch.arange(width, device=self.device)
         causal = cols[None, :] <= cols[:, None]                       # [T, T]
         valid = cols[None, :] < lens[:, None]                         # [B, T]
         mask = (causal[None] & valid[:, None, :]).repeat_interleave(self.group, dim=1).unsqueeze(1)
         last_mask = valid[:, None, None, :]                           # [B, 1, 1, T]
-        last = torch.arange(rows, device=self.device) * width + lens - 1
+        last = torch.cumsum(lens, 0) - 1                              # each prompt's last packed row
         sel = self._selection(adapters)
-        sel = sel.per_token(width) if sel is not None else None
+        sel = sel.per_token(lens) if sel is not None else None
         res = target if isinstance(target, Reservation) else None
         kv = res.cache.kv if res is not None else None
         nkv, g, hd = self.n_kv, self.group, self.head_dim
 
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros((rows * width, *t.shape[1:]))
+            out[padded_at] = t
+            return out
+
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, final: bool) -> torch.Tensor:
-            k4 = k.view(rows, width, nkv, hd).transpose(1, 2)
-            v4 = v.view(rows, width, nkv, hd).transpose(1, 2)
+            k4 = pad(k).view(rows, width, nkv, hd).transpose(1, 2)
+            v4 = pad(v).view(rows, width, nkv, hd).transpose(1, 2)
             if kv is not None:
                 assert res is not None
                 kv[layer, res.start:res.start + rows, 0, :, :width] = k4
@@ -590,11 +596,11 @@ class FastLlama:
                 q4 = q[last].view(rows, nkv, g, hd)
                 out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=last_mask, scale=self.scale)
                 return out.reshape(rows, -1)
-            q4 = q.reshape(rows, width, nkv, g, hd).permute(0, 2, 1, 3, 4).reshape(rows, nkv, width * g, hd)
+            q4 = pad(q).view(rows, width, nkv, g, hd).permute(0, 2, 1, 3, 4).reshape(rows, nkv, width * g, hd)
             out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=self.scale)
-            return out.view(rows, nkv, width, g, hd).permute(0, 2, 1, 3, 4).reshape(rows * width, -1)
+            return out.view(rows, nkv, width, g, hd).permute(0, 2, 1, 3, 4).reshape(rows * width, -1)[padded_at]
 
-        x = self._embed(ids.view(-1))
+        x = self._embed(ids)
         h = self._run_layers(x, positions, sel, attend, last=last)
         if res is not None:
             res.lengths = lengths
