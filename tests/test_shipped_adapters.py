@@ -58,8 +58,12 @@ def test_sentiment_adapter_beats_the_base_model_on_sst2_and_tweets() -> None:
     tweets = shared_data("sentiment/tweeteval_dev.jsonl")
     tuned = _evaluate("sentiment", sst2, ADAPTERS / "sentiment", limit=32)
     base = _evaluate("sentiment", sst2, None, limit=32)
-    assert tuned["accuracy"] >= 80 and tuned["accuracy"] >= base["accuracy"] + 15
-    assert _evaluate("sentiment", tweets, ADAPTERS / "sentiment", limit=32)["macro_recall"] >= 50
+    # The bare model already separates positive from negative reviews fairly well (81% on all of SST-2
+    # dev); what it cannot do is three classes with neutral tweets, where the adapter must win clearly.
+    assert tuned["accuracy"] >= 80 and tuned["accuracy"] >= base["accuracy"]
+    tuned = _evaluate("sentiment", tweets, ADAPTERS / "sentiment", limit=64)
+    base = _evaluate("sentiment", tweets, None, limit=64)
+    assert tuned["macro_recall"] >= 55 and tuned["macro_recall"] >= base["macro_recall"] + 10
 
 
 def test_ner_adapter_finds_conll_entities() -> None:
