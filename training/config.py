@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
         "eval_every": 200,         # steps between dev evaluations; 0 = only at the end
         "checkpoint_every": 50,    # steps between checkpoints; 0 = none
         "keep_best": False,        # publish the weights of the best periodic dev evaluation, not the last step's
+        "best_of": "",             # keep_best judges by this dev set (its name, e.g. "sst2_dev"); "" = the mean of all
         "run_dir": "",             # default runs/NAME
         "trace": False,            # write runs/NAME/trace-rankN.jsonl (the examples each process saw)
     },
@@ -171,6 +172,8 @@ def _check(config: dict[str, Any]) -> list[str]:
             problems.append(f"train.{key}: must not be negative")
     if train["lr"] <= 0:
         problems.append("train.lr: must be positive")
+    if train["best_of"] and not train["keep_best"]:
+        problems.append("train.best_of: only used with train.keep_best = true")
     if train["keep_best"] and not train["eval_every"]:
         problems.append("train.keep_best: needs periodic evaluations (train.eval_every > 0)")
     if train["dtype"] not in ("auto", "float32", "bfloat16"):
@@ -190,6 +193,8 @@ def fingerprint(config: dict[str, Any]) -> str:
     keep["train"] = {k: config["train"][k] for k in ("batch_size", "epochs", "max_steps", "max_length", "lr")}
     if config["train"].get("keep_best"):  # older recipes lack the key: their fingerprints stay the same
         keep["train"]["keep_best"] = True
+        if config["train"].get("best_of"):
+            keep["train"]["best_of"] = config["train"]["best_of"]
     return json.dumps(keep, sort_keys=True)
 
 

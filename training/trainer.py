@@ -146,20 +146,22 @@ def record_eval(run: Run, scores: dict[str, dict[str, Any]]) -> None:
 def periodic_eval(run: Run) -> None:
     """Score the dev sets (eval.limit examples each); with keep_best, remember the best weights so far.
 
-    The selection score is the mean of the primary metric over the dev sets (so an adapter with two
-    targets, such as sentiment on SST-2 and TweetEval, is not chosen for one of them alone).
+    The selection score is the primary metric on the dev set named by ``train.best_of``, or by default
+    its mean over the dev sets (so an adapter with two targets is not chosen for one of them alone).
     """
     scores = evaluate_dev(run, run.config["eval"]["limit"])
     record_eval(run, scores)
     if not run.config["train"]["keep_best"] or not run.accelerator.is_main_process:
         return
     metric, st = PRIMARY[run.config["task"]], run.state
-    value = sum(v[metric] for v in scores.values()) / len(scores)
+    judged = [scores[run.config["train"]["best_of"]]] if run.config["train"]["best_of"] else list(scores.values())
+    value = sum(v[metric] for v in judged) / len(judged)
     if st.best is None or (value > st.best["score"] if higher_is_better(run.config["task"])
                            else value < st.best["score"]):
         checkpoint.save_best(run.run_dir, trainable_state(run.accelerator.unwrap_model(run.model)))
         st.best = {"step": st.step, "score": value}
-        tqdm.write(f"step {st.step}: best so far ({metric} {value:.2f} averaged over the dev sets)")
+        tqdm.write(f"step {st.step}: best so far ({metric} {value:.2f} on "
+                   f"{run.config['train']['best_of'] or 'the dev sets, averaged'})")
 
 
 def restore_best(run: Run) -> None:
@@ -253,6 +255,9 @@ def train(config: dict[str, Any], out: Path, train_examples: list[Example], dev:
                                          "or delete the folder to start again"])
     if cfg["keep_best"] and not dev:
         raise ConfigError("train.keep_best", ["needs dev data to choose by (--dev or data.dev)"])
+    if cfg["best_of"] and cfg["best_of"] not in dev:
+        raise ConfigError("train.best_of", [f"no dev set named {cfg['best_of']!r} (the dev sets: "
+                                            f"{', '.join(dev) or 'none'})"])
 
     base, tok, ref = load_base(config["base"], dtype=dtype, device=str(acc.device))
     encoded, skipped = encode(task, train_examples, tok, max_length=cfg["max_length"], labels=labels)

@@ -150,6 +150,33 @@ def test_keep_best_publishes_the_best_evaluations_weights(tiny_base: Path, tmp_p
 def test_keep_best_needs_periodic_evaluations() -> None:
     with pytest.raises(Exception, match="eval_every"):
         load_config(None, ["train.keep_best=true", "train.eval_every=0"])
+    with pytest.raises(Exception, match="best_of: only used with"):
+        load_config(None, ['train.best_of="sst"'])
+
+
+def test_best_of_judges_by_one_dev_set(tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mean of both dev sets peaks at step 2, the "reviews" set alone at step 4: best_of picks step 4."""
+    data = sentiment_file(tmp_path / "train.jsonl")  # 24 examples: 6 steps of 4
+    dev = [write_jsonl(tmp_path / f"{n}.jsonl", [{"text": "good", "label": "positive"}]) for n in ("reviews", "tweets")]
+    script = {2: (80.0, 90.0), 4: (85.0, 60.0), 6: (70.0, 70.0)}
+    real_eval = T.evaluate_dev
+
+    def scripted_eval(run: T.Run, limit: int, *, base: bool = False) -> dict[str, dict[str, Any]]:
+        scores = real_eval(run, limit, base=base)
+        if not base and limit == run.config["eval"]["limit"]:
+            scores["reviews"]["accuracy"], scores["tweets"]["accuracy"] = script[run.state.step]
+        return scores
+
+    monkeypatch.setattr(T, "evaluate_dev", scripted_eval)
+    sets = ("train.eval_every=2", "train.keep_best=true", 'train.best_of="reviews"', "eval.base=false",
+            "eval.limit=1", "eval.final_limit=0")
+    cfg = config("sentiment", tiny_base, tmp_path, data, None, *sets)
+    cfg["data"]["dev"] = [str(d) for d in dev]
+    out = tasks.sentiment(cfg, tmp_path / "adapters" / "mood")
+    assert json.loads((out / "metrics.json").read_text())["train"]["kept_step"] == 4
+    cfg["train"]["best_of"] = "sst"
+    with pytest.raises(Exception, match=r"no dev set named 'sst'.*reviews, tweets"):
+        tasks.sentiment(cfg, tmp_path / "adapters" / "other")
 
 
 def test_failed_run_leaves_previous_adapter(tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
