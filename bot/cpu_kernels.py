@@ -190,13 +190,17 @@ void lb_linear_q80(const float *x, long ldx, const unsigned char *w, long ldw, f
     linear_blocks(q80_rows, x, ldx, w, ldw, y, ldy, M, N, K, add, threads);
 }
 
-void lb_dequant_q80(const unsigned char *w, long ldw, long N, long K, float *out) {
-    for (long n = 0; n < N; n += 4) q80_rows(w + n * ldw, ldw, (int)(N - n < 4 ? N - n : 4), K, out + n * K);
+/* Whole rows to fp32 [N, K] (embedding lookups, a few label rows of the output layer, tests). */
+static void dequant_blocks(rows_fn expand, const unsigned char *w, long ldw, long N, long K, float *out) {
+    for (long n = 0; n < N; n += 4) expand(w + n * ldw, ldw, (int)(N - n < 4 ? N - n : 4), K, out + n * K);
 }
 
-/* Q4_1 rows to fp32 (tests, and embedding lookups of a quantised table). */
 void lb_dequant_q41(const unsigned char *w, long ldw, long N, long K, float *out) {
-    for (long n = 0; n < N; n += 4) q41_rows(w + n * ldw, ldw, (int)(N - n < 4 ? N - n : 4), K, out + n * K);
+    dequant_blocks(q41_rows, w, ldw, N, K, out);
+}
+
+void lb_dequant_q80(const unsigned char *w, long ldw, long N, long K, float *out) {
+    dequant_blocks(q80_rows, w, ldw, N, K, out);
 }
 """
 

@@ -226,6 +226,17 @@ class SlotCache:
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
+def map_file(path: Path) -> torch.Tensor:
+    """A whole file as a uint8 CPU tensor over a private memory map (pages are read when touched)."""
+    if path.stat().st_size == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-writable buffer": ACCESS_COPY pages are private anyway
+        return torch.frombuffer(mapped, dtype=torch.uint8)
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file as CPU tensors viewing one private memory map of it (no read copy; the caller
     copies what it keeps). safetensors' own loader builds each tensor through Python storage slicing,
@@ -233,14 +244,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-        size = path.stat().st_size
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
-    if mapped is None:
-        raw = torch.empty(0, dtype=torch.uint8)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "non-writable buffer": ACCESS_COPY pages are private anyway
-            raw = torch.frombuffer(mapped, dtype=torch.uint8, offset=8 + n)
+    raw = map_file(path)[8 + n:]
     out = {}
     for key, meta in header.items():
         if key == "__metadata__":
@@ -544,14 +548,12 @@ class FastLlama:
         h = F.rms_norm(h, (self.hidden,), self.norm, self.eps)
         if columns is None:
             return self._mm(h, self.head)
-        ids = torch.tensor(columns.ids, device=self.device)
-        head = self.head.dequantize(ids) if isinstance(self.head, cpu_kernels.QuantWeight) else self.head[ids]
-        return self._mm(h, head)
+        return self._mm(h, self._rows(self.head, torch.tensor(columns.ids, device=self.device)))
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed, cpu_kernels.QuantWeight):
-            return self.embed.dequantize(ids)
-        return F.embedding(ids, self.embed)
+    @staticmethod
+    def _rows(w: Any, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of a float matrix or of quantised blocks (embedding lookups, label columns)."""
+        return w.dequantize(ids) if isinstance(w, cpu_kernels.QuantWeight) else F.embedding(ids, w)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], adapters: list[str | None],
@@ -600,7 +602,7 @@ class FastLlama:
             out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=self.scale)
             return out.view(rows, nkv, width, g, hd).permute(0, 2, 1, 3, 4).reshape(rows * width, -1)[padded_at]
 
-        x = self._embed(ids)
+        x = self._rows(self.embed, ids)
         h = self._run_layers(x, positions, sel, attend, last=last)
         if res is not None:
             res.lengths = lengths
@@ -629,7 +631,7 @@ class FastLlama:
             )
             return out.reshape(n, -1)
 
-        x = self._embed(torch.tensor(tokens, device=self.device))
+        x = self._rows(self.embed, torch.tensor(tokens, device=self.device))
         h = self._run_layers(x, lens, self._selection(adapters), attend)
         for i in range(n):
             cache.lens[i] += 1

@@ -12,9 +12,7 @@ transformers' loader reorders).
 
 from __future__ import annotations
 
-import mmap
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -122,14 +120,10 @@ def transformers_name(gguf_name: str) -> str | None:
 def quantized_weights(path: Path, cfg: Any) -> dict[str, QuantWeight]:
     """The Q4_1 and Q8_0 matrices of a Llama GGUF (layers' linear weights, embeddings, output layer) by
     transformers' tensor name; other tensors are left out (the caller keeps their float copies)."""
-    import torch
+    from bot.fast_lora import map_file
 
     infos, data_start = read_tensor_table(path)
-    with path.open("rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "non-writable buffer": ACCESS_COPY pages are private anyway
-        raw = torch.frombuffer(mapped, dtype=torch.uint8)
+    raw = map_file(path)
     out: dict[str, QuantWeight] = {}
     for info in infos:
         name, kind = transformers_name(info.name), BLOCK_TYPES.get(info.ggml_type)
