@@ -41,8 +41,9 @@ class EngineConfig:
     backend: str = "auto"
     # A small-batch AVX2 matmul compiled on first use (CPU only; falls back to torch when unavailable).
     cpu_kernel: bool = True
-    # With cpu_kernel and a GGUF base (the bundled model): keep its Q4_1 linear weights as they are in
-    # the file, expanded inside the kernel (the same values as the converted float32 copy; ~360 MB less).
+    # With cpu_kernel and a GGUF base (the bundled model): keep its Q4_1 layer weights and Q8_0 embeddings
+    # as they are in the file, expanded inside the kernel (the same values as the converted float32 copy;
+    # measured RSS 483 MB instead of 817 MB).
     quantized: bool = True
 
 

@@ -159,8 +159,8 @@ def load_light(folder: Path, *, dtype: str = "auto", device: str = "auto", threa
                gguf: Path | None = None) -> tuple[LightModel, LightTokenizer]:
     """(model, tokenizer) for the fast engine; raises LightUnsupported when transformers is needed.
 
-    ``gguf``: the Q4_1 GGUF the folder was converted from; on a CPU with the compiled kernel its
-    linear weights are used as they are in the file (the same values; see bot.gguf_weights)."""
+    ``gguf``: the GGUF the folder was converted from; on a CPU with the compiled kernel its quantised
+    matrices are used as they are in the file (the same values; see bot.gguf_weights)."""
     import torch
 
     from bot.fast_lora import read_safetensors
