@@ -191,8 +191,8 @@ async def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     from peft import PeftModel
 
     from bot.adapters import scan_adapters
+    from bot.config import Config, replace
     from bot.engine_local import LocalEngine
-    from bot.light_model import load_light
     from bot.models import BUNDLED, load_model, resolve_base
 
     set_threads(threads)
@@ -202,8 +202,9 @@ async def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
         found, _ = scan_adapters(adapters_dir)
         by_task = {info.task: name for name, info in sorted(found.items())}
         # The engine as `lorabot run` builds it (bot.light_model; the bundled GGUF's quantised weights).
-        light, light_tok = load_light(base.path, dtype="float32", gguf=base.gguf)
-        engine = LocalEngine(light, light_tok, base, adapters_dir, max_batch=max(args.chats))
+        config = replace(Config(), adapters={"dir": str(adapters_dir)}, engine={"max_batch": max(args.chats)},
+                         model={"dtype": "float32", "threads": threads})
+        engine = LocalEngine.from_config(config, progress=False)
         eos = engine._eos_ids
         # The naive baseline: its own copy of the model (transformers) with every adapter attached through PEFT.
         naive_model, tok = load_model(base.path, dtype="float32", device="cpu")
