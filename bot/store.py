@@ -460,7 +460,8 @@ class Store:
     def purge_older_than(self, days: int) -> int:
         """Delete messages older than ``days`` days (and replies to them, and their votes); 0 keeps all.
 
-        Returns the number of messages deleted.
+        Users and chats older than that with nothing left in the log go too, so a retention period also
+        bounds how long a name or a chat setting is kept. Returns the number of messages deleted.
         """
         if days < 0:
             raise ValueError(f"days must be 0 or more; got {days}")
@@ -477,6 +478,13 @@ class Store:
                                       {"cutoff": cutoff}).rowcount
             deleted += self.db.execute("DELETE FROM messages WHERE created_at < :cutoff",
                                        {"cutoff": cutoff}).rowcount
+            self.db.execute("""DELETE FROM chats WHERE created_at < :cutoff
+                               AND NOT EXISTS (SELECT 1 FROM messages WHERE chat_id = chats.id)""",
+                            {"cutoff": cutoff})
+            self.db.execute("""DELETE FROM users WHERE created_at < :cutoff
+                               AND NOT EXISTS (SELECT 1 FROM messages WHERE user_id = users.id)
+                               AND NOT EXISTS (SELECT 1 FROM feedback WHERE user_id = users.id)""",
+                            {"cutoff": cutoff})
         return deleted
 
     @_guarded

@@ -323,6 +323,29 @@ def test_purge_deletes_old_messages_with_their_replies_and_votes(store: Store) -
         store.purge_older_than(-1)
 
 
+def test_purge_also_removes_users_and_chats_with_nothing_left(store: Store) -> None:
+    shared, gone = store.ensure_chat("console", "shared"), store.ensure_chat("console", "gone")
+    ann, bob, voter = (store.ensure_user("console", n, n.title()) for n in ("ann", "bob", "voter"))
+    old_in, _ = exchange(store, gone, ann, "old", "old answer")
+    exchange(store, shared, ann, "old too", "answer")
+    new_in, new_reply = exchange(store, shared, bob, "new", "new answer")
+    store.add_feedback(message_id=new_reply, platform="console", platform_user_id="voter", value=1)
+    long_ago = (datetime.now(UTC) - timedelta(days=40)).isoformat(timespec="microseconds")
+    for table in ("users", "chats"):
+        store.db.execute(f"UPDATE {table} SET created_at = ?", [long_ago])
+    store.db.execute("UPDATE messages SET created_at = ? WHERE id NOT IN (?, ?)", [long_ago, new_in, new_reply])
+
+    assert store.purge_older_than(30) == 4
+    # ann wrote only old messages: her name goes; bob wrote recently, voter voted on a kept reply.
+    assert {r["platform_user_id"] for r in store.db.query("SELECT * FROM users")} == {"bob", "voter"}
+    assert {r["platform_chat_id"] for r in store.db.query("SELECT * FROM chats")} == {"shared"}
+    # New users and chats are never purged for having no messages yet.
+    store.ensure_user("console", "newcomer")
+    store.ensure_chat("console", "fresh")
+    assert store.purge_older_than(30) == 0
+    assert count(store, "users") == 3 and count(store, "chats") == 2
+
+
 def test_stats_whole_database_and_per_chat(store: Store) -> None:
     chat, other = store.ensure_chat("console", "c"), store.ensure_chat("console", "d")
     ann, bob = store.ensure_user("console", "ann"), store.ensure_user("console", "bob")
