@@ -325,8 +325,8 @@ def test_purge_deletes_old_messages_with_their_replies_and_votes(store: Store) -
 
 def test_purge_also_removes_users_and_chats_with_nothing_left(store: Store) -> None:
     shared, gone = store.ensure_chat("console", "shared"), store.ensure_chat("console", "gone")
-    ann, bob, voter = (store.ensure_user("console", n, n.title()) for n in ("ann", "bob", "voter"))
-    old_in, _ = exchange(store, gone, ann, "old", "old answer")
+    ann, bob, _voter = (store.ensure_user("console", n, n.title()) for n in ("ann", "bob", "voter"))
+    exchange(store, gone, ann, "old", "old answer")
     exchange(store, shared, ann, "old too", "answer")
     new_in, new_reply = exchange(store, shared, bob, "new", "new answer")
     store.add_feedback(message_id=new_reply, platform="console", platform_user_id="voter", value=1)

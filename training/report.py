@@ -30,7 +30,7 @@ def table(adapters_dir: Path) -> str:
     for metrics_file in sorted(adapters_dir.glob("*/metrics.json")):
         m = json.loads(metrics_file.read_text(encoding="utf-8"))
         task, train = m["task"], m["train"]
-        cost = (f"{train['read']:,} examples, {train['steps']} steps, {train['time_s'] / 60:.0f} min "
+        cost = (f"{train['read']:,} examples, {train['steps']:,} steps, {train['time_s'] / 60:.0f} min "
                 f"({train['processes']}×{train['threads']} thread{'s' if train['threads'] > 1 else ''})")
         for data, scores in m["dev"].items():
             for key in SHOWN.get(task, (PRIMARY[task],)):
