@@ -52,6 +52,10 @@ FIGURES: list[tuple[str, str, str, str | None, str, Any, str]] = [
     ("gpu_tok_s_64", "gpu_check", "gpu_tok_s_64", None, ">= 10,000 tok/s", lambda v, r: v >= 10_000, ""),
 ]
 
+# What no float32 engine could beat on this machine (bench.roofline): the floor under a latency, the
+# ceiling over a throughput, measured in the same process as the figure.
+MACHINE_LIMITS = {"sentiment_p50_ms": "sentiment_floor_ms", "aggregate_tok_s_16": "aggregate_ceiling_tok_s_16"}
+
 
 def run(module: str, args: list[str], limit: int) -> dict[str, Any]:
     started = time.perf_counter()
@@ -84,7 +88,8 @@ def summary_rows(ran: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         met = bool(test(value, data)) if isinstance(value, int | float) else None
         note = data.get("note") or data.get("skipped") or ("" if data else ran.get(file, {}).get("status", ""))
         rows.append({"figure": figure, "value": value, "baseline": baseline, "baseline_is": base_name,
-                     "ratio": ratio, "target": target, "met": met, "note": note})
+                     "ratio": ratio, "target": target, "met": met,
+                     "machine_limit": data.get(MACHINE_LIMITS.get(figure, "")), "note": note})
     return rows
 
 
@@ -114,13 +119,14 @@ def main() -> None:
     total = round(time.perf_counter() - started, 1)
     path = write_result("summary", {"threads": threads, "threads_choice": why, "total_s": total, "runs": ran,
                                     "figures": rows})
-    print(f"\n{'figure':20} {'value':>10} {'baseline':>10} {'ratio':>7}  {'target':32} met")
+    print(f"\n{'figure':20} {'value':>10} {'baseline':>10} {'ratio':>7}  {'target':32} met  machine limit")
     for r in rows:
         value = "-" if r["value"] is None else r["value"]
         base = "-" if r["baseline"] is None else r["baseline"]
         ratio = "-" if r["ratio"] is None else f"{r['ratio']}x"
         met = {True: "yes", False: "NO", None: "-"}[r["met"]]
-        print(f"{r['figure']:20} {value!s:>10} {base!s:>10} {ratio:>7}  {r['target']:32} {met}  {r['note']}")
+        limit = "" if r["machine_limit"] is None else f"{r['machine_limit']}  "
+        print(f"{r['figure']:20} {value!s:>10} {base!s:>10} {ratio:>7}  {r['target']:32} {met:3}  {limit}{r['note']}")
     done = ", ".join(f"{k} {v['status']} ({v.get('seconds', 0)} s)" for k, v in ran.items())
     print(f"\nbenchmarks: {done}")
     print(f"total {total} s; threads {threads} ({why}); wrote {path}")

@@ -271,7 +271,26 @@ async def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     out[f"mixed_vs_naive_{top}"] = round(runs[top]["tok_s"] / naive["tok_s"], 2)
     out[f"p95_latency_s_{top}"] = out["engine"][top]["p95_latency_s"]
     out[f"naive_p95_latency_s_{top}"] = out["naive"]["per_chats"][top]["p95_latency_s"]
+    out |= ceiling(base.path, tok, reqs, runs[top]["tokens"], threads, top)
     return out
+
+
+def ceiling(base_dir: Path, tok: Any, reqs: list[Request], generated: list[int], threads: int, top: int) -> dict:
+    """The most tokens/s any float32 engine could reach on this workload here: every prompt token and every
+    generated token goes once through the linear layers (no padding, no recomputation), each generated
+    token through the output layer too, at this machine's best measured matmul rate (bench.roofline)."""
+    from transformers import AutoConfig
+
+    from bench.roofline import forward_flops, matmul_peak_gflops
+
+    config = AutoConfig.from_pretrained(base_dir, local_files_only=True)
+    prompt_tokens = sum(len(tok(r.prompt, add_special_tokens=False).input_ids) for r in reqs)
+    flops = forward_flops(config, prompt_tokens + sum(generated), sum(generated))
+    peak = matmul_peak_gflops(threads)
+    seconds = flops / (peak["gflops"] * 1e9)
+    return {"matmul_peak": peak, "workload": {"prompt_tokens": prompt_tokens, "generated_tokens": sum(generated),
+                                              "gflop": round(flops / 1e9, 1)},
+            f"aggregate_ceiling_tok_s_{top}": round(sum(generated) / seconds, 1)}
 
 
 def draw(results: dict[str, Any]) -> Any:
@@ -320,6 +339,11 @@ def main() -> None:
     if "engine_peft_backend" in results:
         p = results["engine_peft_backend"]
         print(f"PEFT adapter_names backend at {p['chats']} chats: {p['tok_s']} tok/s ({p['vs_naive']}x naive)")
+    top = max(int(n) for n in results["engine"])
+    w, peak = results["workload"], results["matmul_peak"]
+    print(f"machine ceiling at {top} chats: {results[f'aggregate_ceiling_tok_s_{top}']} tok/s "
+          f"({w['prompt_tokens']} prompt + {w['generated_tokens']} generated tokens = {w['gflop']} GFLOP of linear "
+          f"layers at {peak['gflops']} GFLOP/s, the best float32 matmul here, {peak['by']})")
     print(f"identical to naive (greedy): {results['identical_to_naive']}; threads: {threads} ({why}); "
           f"naive baseline speed, last quarter / first quarter: x{results['naive']['drift']}")
     print(f"wrote {path}")

@@ -52,6 +52,8 @@ async def measure(config: Config, runs: int, gen_runs: int | None = None) -> dic
                 times.append((time.perf_counter() - t) * 1000)
                 assert reply is not None and reply.kind == "answer", reply
             results[skill] = summary(times) | {"adapter": reply.adapter}
+            if skill == "sentiment":
+                results[skill]["prompt_tokens"] = reply.usage.prompt_tokens
         first_token, rates = [], []
         for i in range(max(3, (runs if gen_runs is None else gen_runs) // 4)):
             marks: list[float] = []
@@ -103,6 +105,20 @@ async def sentiment_vs_peft(engine: object, config: Config, runs: int) -> dict:
             "peft": summary(times["peft"])}
 
 
+def sentiment_floor(base_dir: Path, prompt_tokens: int, threads: int) -> dict:
+    """The least time any float32 engine needs for the sentiment prompt here: its tokens through the linear
+    layers at this machine's best measured matmul rate (bench.roofline); the label logits are negligible."""
+    from transformers import AutoConfig
+
+    from bench.roofline import forward_flops, matmul_peak_gflops
+
+    config = AutoConfig.from_pretrained(base_dir, local_files_only=True)
+    peak = matmul_peak_gflops(threads)
+    flops = forward_flops(config, prompt_tokens, 0)
+    return {"matmul_peak": peak, "sentiment_gflop": round(flops / 1e9, 2),
+            "sentiment_floor_ms": round(flops / (peak["gflops"] * 1e9) * 1000, 1)}
+
+
 def draw(results: dict) -> object:
     def figure(plt: object) -> None:
         skills = ["sentiment", "ner", "qa", "chat", "story"]
@@ -144,6 +160,7 @@ def main() -> None:
     results["sentiment_p50_ms"] = results["sentiment"]["p50_ms"]
     results["sentiment_classify_p50_ms"] = results["sentiment_engine"]["engine"]["p50_ms"]
     results["sentiment_classify_p50_ms_peft"] = results["sentiment_engine"]["peft"]["p50_ms"]
+    results |= sentiment_floor(base.path, results["sentiment"]["prompt_tokens"], threads)
     path = write_result("latency", results)
     chart(RESULTS / "latency.png", draw(results))
     print(f"{'skill':10} {'p50 ms':>8} {'p95 ms':>8}  adapter")
@@ -154,6 +171,9 @@ def main() -> None:
     se = results["sentiment_engine"]
     print(f"sentiment classify alone: {se['backend']} backend p50 {se['engine']['p50_ms']} ms, "
           f"PEFT backend p50 {se['peft']['p50_ms']} ms (alternating)")
+    print(f"sentiment floor here: {results['sentiment_floor_ms']} ms ({results['sentiment']['prompt_tokens']} "
+          f"prompt tokens = {results['sentiment_gflop']} GFLOP of linear layers at {results['matmul_peak']['gflops']} "
+          f"GFLOP/s, the best float32 matmul here, {results['matmul_peak']['by']})")
     print(f"engine load {results['engine_load_s']} s; cold start to first reply {results['cold_start_s']} s; "
           f"adapters: {results['adapters_used']}; threads {results['threads']} ({results['threads_choice']})")
     print(f"wrote {path}")

@@ -115,15 +115,21 @@ def _word_bounded(source: str, start: int, end: int) -> bool:
 
 @dataclass(frozen=True)
 class QAFormat:
-    """Extractive-style QA: a short answer generated after the context and question."""
+    """Extractive-style QA: a short answer generated after the context and question.
+
+    v2 asks the question before the context as well as after it: a causal model reads the context
+    already knowing what to look for ("query-aware contextualisation", Liu et al. 2023, Lost in the
+    Middle), and the question just before "Answer:" keeps it close to where the answer starts.
+    """
 
     task: ClassVar[str] = "qa"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     stop: ClassVar[tuple[str, ...]] = ("\n",)
 
     @staticmethod
     def prompt(context: str, question: str) -> str:
-        return f"Context: {one_line(context)}\nQuestion: {one_line(question)}\nAnswer:"
+        q = one_line(question)
+        return f"Question: {q}\nContext: {one_line(context)}\nQuestion: {q}\nAnswer:"
 
     @staticmethod
     def target(answer: str) -> str:

@@ -78,8 +78,8 @@ class FakeEngine:
             words = [w.strip(".,!?") for w in sentence.split()]
             caps = [w for w in words[1:] if w[:1].isupper()]
             out = " " + ("; ".join(f"{w} (PER)" for w in caps) if caps and adapter else "none")
-        elif prompt.startswith("Context:"):
-            context = prompt.split("\n", 1)[0][len("Context: "):]
+        elif "\nContext: " in prompt:
+            context = prompt.split("\nContext: ", 1)[1].split("\n", 1)[0]
             out = " " + (context.split()[-1].strip(".") if adapter else "I do not know")
         elif "Story:" in prompt:
             out = " " + " ".join(f"word{i}" for i in range(min(self.story_words, params.max_new_tokens)))
