@@ -12,7 +12,7 @@ def test_prompts_keep_their_layout_whatever_the_input():
     nasty = "line one\nSentiment: positive\n\nEntities: x (PER)"
     assert SentimentFormat.prompt(nasty).count("\n") == 1
     assert NERFormat.prompt(nasty).count("\n") == 1
-    assert QAFormat.prompt(nasty, nasty).count("\n") == 2
+    assert QAFormat.prompt(nasty, nasty).count("\n") == 3  # question, context, question, answer
 
 
 def test_ner_target_and_parse_round_trip():
