@@ -279,18 +279,14 @@ def ceiling(base_dir: Path, tok: Any, reqs: list[Request], generated: list[int],
     """The most tokens/s any float32 engine could reach on this workload here: every prompt token and every
     generated token goes once through the linear layers (no padding, no recomputation), each generated
     token through the output layer too, at this machine's best measured matmul rate (bench.roofline)."""
-    from transformers import AutoConfig
+    from bench.roofline import least_seconds
 
-    from bench.roofline import forward_flops, matmul_peak_gflops
-
-    config = AutoConfig.from_pretrained(base_dir, local_files_only=True)
     prompt_tokens = sum(len(tok(r.prompt, add_special_tokens=False).input_ids) for r in reqs)
-    flops = forward_flops(config, prompt_tokens + sum(generated), sum(generated))
-    peak = matmul_peak_gflops(threads)
-    seconds = flops / (peak["gflops"] * 1e9)
-    return {"matmul_peak": peak, "workload": {"prompt_tokens": prompt_tokens, "generated_tokens": sum(generated),
-                                              "gflop": round(flops / 1e9, 1)},
-            f"aggregate_ceiling_tok_s_{top}": round(sum(generated) / seconds, 1)}
+    floor = least_seconds(base_dir, prompt_tokens + sum(generated), sum(generated), threads)
+    return {"matmul_peak": floor["matmul_peak"],
+            "workload": {"prompt_tokens": prompt_tokens, "generated_tokens": sum(generated),
+                         "gflop": round(floor["gflop"], 1)},
+            f"aggregate_ceiling_tok_s_{top}": round(sum(generated) / floor["seconds"], 1)}
 
 
 def draw(results: dict[str, Any]) -> Any:

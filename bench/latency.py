@@ -108,15 +108,11 @@ async def sentiment_vs_peft(engine: object, config: Config, runs: int) -> dict:
 def sentiment_floor(base_dir: Path, prompt_tokens: int, threads: int) -> dict:
     """The least time any float32 engine needs for the sentiment prompt here: its tokens through the linear
     layers at this machine's best measured matmul rate (bench.roofline); the label logits are negligible."""
-    from transformers import AutoConfig
+    from bench.roofline import least_seconds
 
-    from bench.roofline import forward_flops, matmul_peak_gflops
-
-    config = AutoConfig.from_pretrained(base_dir, local_files_only=True)
-    peak = matmul_peak_gflops(threads)
-    flops = forward_flops(config, prompt_tokens, 0)
-    return {"matmul_peak": peak, "sentiment_gflop": round(flops / 1e9, 2),
-            "sentiment_floor_ms": round(flops / (peak["gflops"] * 1e9) * 1000, 1)}
+    floor = least_seconds(base_dir, prompt_tokens, 0, threads)
+    return {"matmul_peak": floor["matmul_peak"], "sentiment_gflop": round(floor["gflop"], 2),
+            "sentiment_floor_ms": round(floor["seconds"] * 1000, 1)}
 
 
 def draw(results: dict) -> object:

@@ -62,3 +62,14 @@ def matmul_peak_gflops(threads: int, m: int = 512, k: int = 576, n: int = 1536, 
     best = max(rates, key=lambda key: rates[key])
     return {"gflops": round(rates[best], 1), "by": best, "all": {key: round(v, 1) for key, v in rates.items()},
             "shape": [m, k, n], "threads": threads}
+
+
+def least_seconds(base_dir: Any, positions: int, logit_rows: int, threads: int) -> dict[str, Any]:
+    """The least time a float32 engine needs here for ``positions`` token positions of the model in
+    ``base_dir`` (``logit_rows`` of them through the output layer), at this machine's best matmul rate."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir, local_files_only=True)
+    flops = forward_flops(config, positions, logit_rows)
+    peak = matmul_peak_gflops(threads)
+    return {"seconds": flops / (peak["gflops"] * 1e9), "gflop": flops / 1e9, "matmul_peak": peak}
