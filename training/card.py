@@ -49,6 +49,14 @@ def _score_rows(task: str, adapter: dict[str, Any], base: dict[str, Any]) -> lis
     return rows
 
 
+def _init_line(init: dict[str, Any]) -> str:
+    """Continued fine-tuning: name the starting adapter and what it cost, so the total stays visible."""
+    before = (f" ({init['examples']} examples, {init['steps']} steps, {init['time_s'] / 60:.1f} min of training)"
+              if "time_s" in init else "")
+    return (f"- started from the weights of `{init['path']}`{before}, not a fresh LoRA (train.init_adapter); "
+            "the time above is this run's only")
+
+
 def write_card(path: Path, *, name: str, config: dict[str, Any], base_name: str, labels: list[str],
                data: list[dict[str, Any]], train: dict[str, Any], scores: dict[str, Any],
                base_scores: dict[str, Any]) -> None:
@@ -82,6 +90,7 @@ def write_card(path: Path, *, name: str, config: dict[str, Any], base_name: str,
         f"- final training loss: {_fmt(train['final_loss'])}",
         *([f"- weights: step {train['kept_step']} of {train['steps']}, the best periodic dev evaluation "
            "(train.keep_best)"] if train.get("kept_step", train["steps"]) != train["steps"] else []),
+        *([_init_line(train["init_adapter"])] if train.get("init_adapter") else []),
         f"- LoRA: r={config['lora']['r']}, alpha={config['lora']['alpha']}, dropout={config['lora']['dropout']}, "
         f"on {', '.join(config['lora']['target_modules'])}; weights stored in bfloat16",
         f"- versions: torch {train['versions']['torch']}, transformers {train['versions']['transformers']}, "

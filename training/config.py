@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "description": "",
     "labels": [],                  # sentiment: the classes (default negative/neutral/positive); ner: entity types
     "data": {
-        "train": [],               # data specs: "file" or {path, limit, min_words, balance, holdout, part}
+        "train": [],               # data specs: "file" or {path, limit, skip, min_words, balance, holdout, part}
         "dev": [],                 # each dev spec is scored separately (one score per file)
     },
     # No LoRA dropout by default: on CPU its random masks cost ~40% of a training step (measured).
@@ -45,6 +45,9 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
         "eval_every": 200,         # steps between dev evaluations; 0 = only at the end
         "checkpoint_every": 50,    # steps between checkpoints; 0 = none
+        # Continue fine-tuning from an adapter folder (its weights, not a fresh LoRA), as LLaMA-Factory's
+        # adapter_name_or_path: same task, format version, base model and LoRA shape. "" = a fresh LoRA.
+        "init_adapter": "",
         "keep_best": False,        # publish the weights of the best periodic dev evaluation, not the last step's
         "best_of": "",             # keep_best judges by this dev set (its name, e.g. "sst2_dev"); "" = the mean of all
         "run_dir": "",             # default runs/NAME
@@ -59,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
-SPEC_KEYS = {"path": str, "limit": int, "min_words": int, "balance": bool, "holdout": float, "part": str}
+SPEC_KEYS = {"path": str, "limit": int, "skip": int, "min_words": int, "balance": bool, "holdout": float, "part": str}
 
 
 def default_config() -> dict[str, Any]:
@@ -149,6 +152,9 @@ def data_specs(raw: list[Any], where: str, problems: list[str] | None = None) ->
                 sink.append(f"{where}[{i}].{key}: expected {kind.__name__}, got {value!r}")
         if spec.get("part", "train") not in ("train", "holdout"):
             sink.append(f"{where}[{i}].part: 'train' or 'holdout'")
+        for key in ("limit", "skip", "min_words"):
+            if isinstance(spec.get(key), int) and spec[key] < 0:
+                sink.append(f"{where}[{i}].{key}: must not be negative")
         if not 0 <= float(spec.get("holdout", 0)) < 1:
             sink.append(f"{where}[{i}].holdout: a fraction in [0, 1)")
         specs.append(dict(spec))
@@ -195,6 +201,8 @@ def fingerprint(config: dict[str, Any]) -> str:
         keep["train"]["keep_best"] = True
         if config["train"].get("best_of"):
             keep["train"]["best_of"] = config["train"]["best_of"]
+    if config["train"].get("init_adapter"):
+        keep["train"]["init_adapter"] = config["train"]["init_adapter"]
     return json.dumps(keep, sort_keys=True)
 
 

@@ -389,17 +389,30 @@ def in_holdout(key: str, fraction: float) -> bool:
 
 
 def select(examples: list[Example], spec: dict[str, Any], seed: int) -> list[Example]:
-    """Apply a data spec's options: holdout part, min_words, then a seeded (optionally balanced) subsample."""
+    """Apply a data spec's options: holdout part, min_words, skip, then a seeded (optionally balanced) subsample.
+
+    ``skip = N`` leaves out exactly the examples that ``limit = N`` (same file, seed and options) selects, so
+    a run can continue an earlier one (``train.init_adapter``) on examples the earlier one never saw.
+    """
     holdout = float(spec.get("holdout", 0))
     if holdout:
         want = spec.get("part", "train") == "holdout"
         examples = [ex for ex in examples if in_holdout(ex.key, holdout) == want]
     if spec.get("min_words"):
         examples = [ex for ex in examples if len(ex.key.split()) >= spec["min_words"]]
-    limit = int(spec.get("limit", 0))
-    if not limit or limit >= len(examples):
-        return examples
     rng = random.Random(f"{seed}:{spec['path']}")
+    skip = int(spec.get("skip", 0))
+    if skip:
+        seen = set(_sample(examples, skip, spec, rng))
+        examples = [ex for i, ex in enumerate(examples) if i not in seen]
+        rng = random.Random(f"{seed}:{spec['path']}:skip{skip}")
+    return [examples[i] for i in sorted(_sample(examples, int(spec.get("limit", 0)), spec, rng))]
+
+
+def _sample(examples: list[Example], limit: int, spec: dict[str, Any], rng: random.Random) -> list[int]:
+    """Indices of a seeded subsample of ``limit`` examples (all when limit is 0 or too large)."""
+    if not limit or limit >= len(examples):
+        return list(range(len(examples)))
     if spec.get("balance") and all(isinstance(ex, SentimentExample) for ex in examples):
         by_label: dict[str, list[int]] = {}
         for i, ex in enumerate(examples):
@@ -411,9 +424,8 @@ def select(examples: list[Example], spec: dict[str, Any], seed: int) -> list[Exa
             take = min(len(group), remaining // (len(groups) - n))
             chosen += rng.sample(group, take)
             remaining -= take
-    else:
-        chosen = rng.sample(range(len(examples)), limit)
-    return [examples[i] for i in sorted(chosen)]
+        return chosen
+    return rng.sample(range(len(examples)), limit)
 
 
 def load(task: str, spec: dict[str, Any], labels: tuple[str, ...], seed: int) -> list[Example]:

@@ -37,6 +37,39 @@ def add_lora(model: Any, lora: dict[str, Any]) -> Any:
     return get_peft_model(model, config)
 
 
+def init_from_adapter(peft_model: Any, folder: Path, *, task: str, lora: dict[str, Any], base_shape: str) -> None:
+    """Start from an existing adapter's LoRA weights (continued fine-tuning) instead of a fresh LoRA.
+
+    The adapter must be one this run could have written: same task and prompt format, same base model
+    shape and the same LoRA rank, alpha and target modules (the optimizer state starts fresh).
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from bot.adapters import PEFT_CONFIG, WEIGHTS, validate_adapter
+
+    where = f"train.init_adapter {str(folder)!r}"
+    try:
+        info = validate_adapter(folder, base_model="this run's base model", base_shape=base_shape)
+    except AdapterError as exc:
+        raise AdapterError(f"{where}: {exc}") from None
+    peft_config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
+    mismatched = [f"{name} {theirs!r} (this run: {ours!r})" for name, theirs, ours in (
+        ("task", info.task, task), ("lora.r", info.rank, lora["r"]),
+        ("lora.alpha", peft_config.get("lora_alpha"), lora["alpha"]),
+        ("lora.target_modules", sorted(info.target_modules), sorted(lora["target_modules"])),
+    ) if theirs != ours]
+    if mismatched:
+        raise AdapterError(f"{where} does not match this run: {'; '.join(mismatched)}")
+    state = load_file(str(folder / WEIGHTS))
+    dtype = next(p.dtype for p in peft_model.parameters() if p.requires_grad)
+    result = set_peft_model_state_dict(peft_model, {k: v.to(dtype) for k, v in state.items()})
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise AdapterError(f"{where}: its weights do not fit this model (missing {missing[:2]}, "
+                           f"unexpected {list(result.unexpected_keys)[:2]})")
+
+
 def load_adapter(model: Any, folder: Path) -> Any:
     from peft import PeftModel
 

@@ -24,6 +24,15 @@ def _num(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else "—" if value is None else str(value)
 
 
+def _continued(init: dict[str, Any] | None) -> str:
+    """A continued run's cost is not the whole cost: name the stage before it and what that took."""
+    if not init:
+        return ""
+    before = (f": {init['examples']:,} examples, {init['steps']:,} steps, {init['time_s'] / 60:.0f} min"
+              if "time_s" in init else "")
+    return f", continuing `{Path(init['path']).name}`{before}"
+
+
 def table(adapters_dir: Path) -> str:
     lines = ["| adapter | dev data (examples) | metric | adapter | base model | training on this CPU |",
              "|---|---|---|---:|---:|---|"]
@@ -31,7 +40,8 @@ def table(adapters_dir: Path) -> str:
         m = json.loads(metrics_file.read_text(encoding="utf-8"))
         task, train = m["task"], m["train"]
         cost = (f"{train['read']:,} examples, {train['steps']:,} steps, {train['time_s'] / 60:.0f} min "
-                f"({train['processes']}×{train['threads']} thread{'s' if train['threads'] > 1 else ''})")
+                f"({train['processes']}×{train['threads']} thread{'s' if train['threads'] > 1 else ''})"
+                + _continued(train.get("init_adapter")))
         for data, scores in m["dev"].items():
             for key in SHOWN.get(task, (PRIMARY[task],)):
                 base = m.get("base", {}).get(data, {}).get(key)

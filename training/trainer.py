@@ -31,7 +31,15 @@ from training.card import plot_curves, write_card
 from training.config import fingerprint, to_toml
 from training.data import Example
 from training.evaluate import PRIMARY, evaluate, higher_is_better
-from training.model import LossModel, add_lora, load_base, load_trainable_state, save_adapter, trainable_state
+from training.model import (
+    LossModel,
+    add_lora,
+    init_from_adapter,
+    load_base,
+    load_trainable_state,
+    save_adapter,
+    trainable_state,
+)
 from training.output import check_name, publish
 
 
@@ -265,6 +273,9 @@ def train(config: dict[str, Any], out: Path, train_examples: list[Example], dev:
         raise ConfigError("train.max_length", [f"all {len(train_examples)} training examples are longer than "
                                                f"{cfg['max_length']} tokens"])
     peft = add_lora(base, config["lora"])
+    if cfg["init_adapter"]:
+        init_from_adapter(peft, Path(cfg["init_adapter"]), task=task, lora=config["lora"],
+                          base_shape=shape_signature(base.config))
     loss_model = LossModel(peft, label_token_ids(tok, labels) if task == "sentiment" else ())
     params = [p for p in loss_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -332,11 +343,23 @@ def _train_info(run: Run, n_examples: int, skipped: int, dtype: str) -> dict[str
         "tokens_seen": st.tokens, "time_s": st.train_s, "tokens_per_s": st.tokens / max(st.train_s, 1e-9),
         "final_loss": st.losses[-1][1] if st.losses else None, "processes": acc.num_processes,
         "kept_step": st.best["step"] if st.best else len(run.plan),
+        **({"init_adapter": _init_info(Path(init))} if (init := run.config["train"]["init_adapter"]) else {}),
         "threads": torch.get_num_threads(), "dtype": dtype, "device": str(acc.device),
         "machine": f"{_cpu_name()} ({os.cpu_count()} cores, {acc.device})",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__},
     }
+
+
+def _init_info(folder: Path) -> dict[str, Any]:
+    """The starting adapter of a continued run and, from its metrics.json, what training it had."""
+    info: dict[str, Any] = {"path": str(folder)}
+    try:
+        earlier = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["train"]
+        info |= {k: earlier[k] for k in ("examples", "steps", "time_s")}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # an adapter from elsewhere need not carry lorabot's metrics
+    return info
 
 
 def _cpu_name() -> str:

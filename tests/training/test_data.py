@@ -195,3 +195,15 @@ def test_limit_min_words_and_balance() -> None:
     counts = {label: sum(e.label == label for e in balanced) for label in ("negative", "neutral", "positive")}
     # Equal shares where possible; the scarce labels' remainder goes to the others.
     assert counts == {"negative": 10, "neutral": 10, "positive": 40}
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_skip_leaves_out_exactly_what_the_same_limit_took(balance: bool) -> None:
+    examples = [D.SentimentExample(f"text {i}", ["negative", "positive", "neutral"][i % 3]) for i in range(300)]
+    first = D.select(examples, {"path": "p", "limit": 120, "balance": balance}, seed=7)
+    rest = D.select(examples, {"path": "p", "skip": 120, "balance": balance}, seed=7)
+    assert len(rest) == 180 and not {e.text for e in first} & {e.text for e in rest}
+    more = D.select(examples, {"path": "p", "skip": 120, "limit": 50, "balance": balance}, seed=7)
+    assert len(more) == 50 and {e.text for e in more} <= {e.text for e in rest}
+    # Without skip the selection is unchanged by the option's existence (recipes keep their data).
+    assert first == D.select(examples, {"path": "p", "limit": 120, "balance": balance, "skip": 0}, seed=7)

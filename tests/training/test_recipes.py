@@ -13,10 +13,10 @@ from training.recipes import make_all
 RECIPES = Path(make_all.__file__).parent
 
 
-@pytest.mark.parametrize("name", make_all.SHIPPED)
+@pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first"])
 def test_recipe_resolves(name: str) -> None:
     config = load_config(RECIPES / f"{name}.toml")
-    assert config["task"] == name
+    assert config["task"] == name.removesuffix("_first")
     specs = data_specs(config["data"]["train"], "train") + data_specs(config["data"]["dev"], "dev")
     assert specs and all(s["path"].startswith("../shared/data/") for s in specs)
 
@@ -27,7 +27,7 @@ def test_qa_recipe_holds_out_disjoint_paragraphs() -> None:
     config = load_config(RECIPES / "qa.toml")
     (train_spec,), (dev_spec,) = config["data"]["train"], config["data"]["dev"]
     path = shared_data("qa/squad_v1.1_dev_shared.jsonl")
-    whole_train = {k: v for k, v in train_spec.items() if k != "limit"}
+    whole_train = {k: v for k, v in train_spec.items() if k not in ("limit", "skip")}
     train = load("qa", dict(whole_train, path=str(path)), (), seed=config["seed"])
     dev = load("qa", dict(dev_spec, path=str(path)), (), seed=config["seed"])
     assert not {e.context for e in train} & {e.context for e in dev}
@@ -39,3 +39,16 @@ def test_make_all_dry_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytes
     assert make_all.main(["--dry-run", "--force", "ner"]) == 0
     out = capsys.readouterr().out
     assert "-m training train ner --config" in out and "--resume" in out
+
+
+def test_make_all_trains_qa_in_stages(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(Path.cwd())
+    assert make_all.main(["--dry-run", "--force", "qa"]) == 0
+    first, second = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert "train qa --config" in first and "qa_first.toml --out runs/adapters/qa_first" in first
+    assert "qa.toml --out adapters/qa" in second
+    # Stage 2 starts from stage 1's output and trains exactly the questions stage 1 left out.
+    stage1, stage2 = load_config(RECIPES / "qa_first.toml"), load_config(RECIPES / "qa.toml")
+    assert stage2["train"]["init_adapter"] == "runs/adapters/qa_first"
+    assert stage2["data"]["train"][0]["skip"] == stage1["data"]["train"][0]["limit"]
+    assert stage1["lora"] == stage2["lora"] and stage1["seed"] == stage2["seed"]

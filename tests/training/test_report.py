@@ -31,3 +31,15 @@ def test_table_rows_and_readme_rewrite(tmp_path: Path) -> None:
     readme.write_text(f"# x\n{START}\nold\n{END}\nafter\n")
     assert update_readme(readme, text) and not update_readme(readme, text)
     assert readme.read_text() == f"# x\n{START}\n{text}\n{END}\nafter\n"
+
+
+def test_a_continued_adapter_shows_the_stage_before(tmp_path: Path) -> None:
+    folder = tmp_path / "adapters" / "qa"
+    folder.mkdir(parents=True)
+    init = {"path": "runs/adapters/qa_first", "examples": 4000, "steps": 497, "time_s": 5220.0}
+    metrics = {"task": "qa", "dev": {"holdout": {"f1": 71.5, "exact_match": 60.25, "n": 400}}, "base": {},
+               "train": {"read": 3205, "steps": 397, "time_s": 4200.0, "processes": 1, "threads": 2,
+                         "init_adapter": init}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    assert ("| qa | holdout (400) | F1 | 71.50 | — | 3,205 examples, 397 steps, 70 min (1×2 threads), "
+            "continuing `qa_first`: 4,000 examples, 497 steps, 87 min |") in table(tmp_path / "adapters")

@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from bot.adapters import validate_adapter
+from bot.errors import AdapterError
 from training import tasks
 from training import trainer as T
 from training.cli import main
@@ -85,6 +86,37 @@ def test_resume_continues_exactly(tiny_base: Path, tmp_path: Path, monkeypatch: 
     metrics = json.loads((out / "metrics.json").read_text())
     assert [s for s, _ in metrics["history"]["loss"]] == list(range(1, 13))
     assert not (tmp_path / "b" / "runs" / "checkpoint").exists()  # a finished run drops its checkpoint
+
+
+def test_init_adapter_continues_from_its_weights(tiny_base: Path, tmp_path: Path) -> None:
+    data = sentiment_file(tmp_path / "train.jsonl", repeat=2)
+    first = tasks.sentiment(config("sentiment", tiny_base, tmp_path / "a", data, None, "train.max_steps=3",
+                                   "eval.base=false"), tmp_path / "first")
+    # A vanishing learning rate: the continued run must publish (almost exactly) the weights it started from,
+    # where a fresh LoRA would publish zero lora_B matrices.
+    sets = ("train.max_steps=1", "train.lr=1e-12", "eval.base=false", f'train.init_adapter="{first}"')
+    out = tasks.sentiment(config("sentiment", tiny_base, tmp_path / "b", data, None, *sets), tmp_path / "second")
+    a, b = lora_weights(first), lora_weights(out)
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    assert all(a[k].equal(b[k]) for k in a)
+    metrics = json.loads((out / "metrics.json").read_text())
+    init = metrics["train"]["init_adapter"]
+    assert (init["path"], init["examples"], init["steps"]) == (str(first), 12, 3) and init["time_s"] > 0
+    assert "started from the weights of" in (out / "README.md").read_text()
+
+
+def test_init_adapter_must_match_the_run(tiny_base: Path, tmp_path: Path) -> None:
+    data = sentiment_file(tmp_path / "train.jsonl", repeat=1)
+    first = tasks.sentiment(config("sentiment", tiny_base, tmp_path / "a", data, None, "train.max_steps=1",
+                                   "eval.base=false", "lora.r=4"), tmp_path / "first")
+    cfg = config("sentiment", tiny_base, tmp_path / "b", data, None, "train.max_steps=1", "lora.r=8",
+                 f'train.init_adapter="{first}"')
+    with pytest.raises(AdapterError, match=r"init_adapter .*lora\.r 4 \(this run: 8\)"):
+        tasks.sentiment(cfg, tmp_path / "second")
+    assert not (tmp_path / "second").exists()
+    cfg = config("sentiment", tiny_base, tmp_path / "c", data, None, f'train.init_adapter="{tmp_path / "gone"}"')
+    with pytest.raises(AdapterError, match=r"init_adapter .*gone"):
+        tasks.sentiment(cfg, tmp_path / "third")
 
 
 def test_adapter_folder_contents(tiny_base: Path, tmp_path: Path) -> None:

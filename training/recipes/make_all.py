@@ -1,8 +1,10 @@
 """Retrain the shipped adapters (sentiment, ner, qa, story) from ../shared/data: ``make adapters``.
 
-Each recipe runs as ``python -m training train TASK --config recipes/TASK.toml --out adapters/TASK
+Each recipe runs as ``python -m training train TASK --config recipes/NAME.toml --out adapters/NAME
 --resume`` from the repository root, so an interrupted run continues from its last checkpoint. An
-adapter whose recorded recipe equals the current one is skipped (``--force`` retrains it).
+adapter whose recorded recipe equals the current one is skipped (``--force`` retrains it). A shipped
+adapter made in stages (STAGES: qa continues qa_first's weights) trains its earlier stages first, into
+runs/adapters/.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SHIPPED = ("sentiment", "ner", "qa", "story")
+# Recipes trained before a shipped one, because it continues from their weights (train.init_adapter).
+# Their adapters go to runs/adapters/NAME: they are a means, not shipped.
+STAGES = {"qa": ("qa_first", "qa")}
+
+
+def out_dir(recipe: str) -> Path:
+    return Path("adapters") / recipe if recipe in SHIPPED else Path("runs") / "adapters" / recipe
 
 
 def up_to_date(name: str) -> bool:
@@ -27,7 +36,7 @@ def up_to_date(name: str) -> bool:
     from bot.errors import LorabotError
     from training.config import fingerprint, load_config
 
-    out = REPO / "adapters" / name
+    out = REPO / out_dir(name)
     try:
         validate_adapter(out)
         used = tomllib.loads((out / "recipe.toml").read_text(encoding="utf-8"))
@@ -37,8 +46,9 @@ def up_to_date(name: str) -> bool:
 
 
 def command(name: str, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "training", "train", name, "--config", str(HERE / f"{name}.toml"),
-            "--out", str(Path("adapters") / name), "--resume", *(["--set", *extra] if extra else [])]
+    task = tomllib.loads((HERE / f"{name}.toml").read_text(encoding="utf-8"))["task"]
+    return [sys.executable, "-m", "training", "train", task, "--config", str(HERE / f"{name}.toml"),
+            "--out", str(out_dir(name)), "--resume", *(["--set", *extra] if extra else [])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,19 +64,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown adapter(s) {', '.join(unknown)}; choose from {', '.join(SHIPPED)}")
     os.chdir(REPO)  # the recipes' data paths are relative to the repository root
     failed = []
-    for name in args.names or SHIPPED:
-        cmd = command(name, args.set)
-        if not args.force and not args.set and up_to_date(name):
-            print(f"adapters/{name}: up to date with training/recipes/{name}.toml, skipped", flush=True)
-            continue
-        print("$ " + " ".join(cmd), flush=True)
-        if args.dry_run:
-            continue
-        started = time.perf_counter()
-        code = subprocess.call(cmd)
-        print(f"{name}: exit {code} after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-        if code:
-            failed.append(name)
+    for shipped in args.names or SHIPPED:
+        retrained = False  # a retrained stage makes the stages after it stale, whatever their recipes say
+        for name in STAGES.get(shipped, (shipped,)):
+            cmd = command(name, args.set)
+            if not args.force and not args.set and not retrained and up_to_date(name):
+                print(f"{out_dir(name)}: up to date with training/recipes/{name}.toml, skipped", flush=True)
+                continue
+            print("$ " + " ".join(cmd), flush=True)
+            retrained = True
+            if args.dry_run:
+                continue
+            started = time.perf_counter()
+            code = subprocess.call(cmd)
+            print(f"{name}: exit {code} after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+            if code:
+                failed.append(name)
+                break  # the next stage needs this one's adapter
     if failed:
         print(f"failed: {', '.join(failed)} (rerun `make adapters` to resume them)", file=sys.stderr)
     return 1 if failed else 0
