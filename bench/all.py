@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (module, arguments, time limit in seconds); --quick runs each with smaller settings (a smoke test).
 PLAN: list[tuple[str, list[str], list[str], int]] = [
-    ("latency", ["--runs", "20", "--gen-runs", "2"], ["--runs", "3", "--gen-runs", "1"], 150),
+    ("latency", ["--runs", "20"], ["--runs", "3", "--gen-runs", "1"], 300),
     ("concurrency", ["--chats", "1", "4", "8", "16", "--requests", "16"], ["--chats", "1", "4", "--requests", "4"],
      330),
     ("startup", ["--loads", "3"], ["--loads", "1"], 90),

@@ -55,7 +55,7 @@ async def measure(config: Config, runs: int, gen_runs: int | None = None) -> dic
             if skill == "sentiment":
                 results[skill]["prompt_tokens"] = reply.usage.prompt_tokens
         first_token, rates = [], []
-        for i in range(max(3, (runs if gen_runs is None else gen_runs) // 4)):
+        for i in range(max(3, runs if gen_runs is None else gen_runs)):
             marks: list[float] = []
 
             async def sink(_text: str, marks: list[float] = marks) -> None:

@@ -28,7 +28,8 @@ def _continued(init: dict[str, Any] | None) -> str:
     """A continued run's cost is not the whole cost: name the stage before it and what that took."""
     if not init:
         return ""
-    before = (f": {init['examples']:,} examples, {init['steps']:,} steps, {init['time_s'] / 60:.0f} min"
+    read = init.get("read", init.get("examples"))
+    before = (f": {read:,} examples, {init['steps']:,} steps, {init['time_s'] / 60:.0f} min"
               if "time_s" in init else "")
     return f", continuing `{Path(init['path']).name}`{before}"
 

@@ -356,7 +356,7 @@ def _init_info(folder: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"path": str(folder)}
     try:
         earlier = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["train"]
-        info |= {k: earlier[k] for k in ("examples", "steps", "time_s")}
+        info |= {k: earlier[k] for k in ("read", "examples", "steps", "time_s")}
     except (OSError, ValueError, KeyError, TypeError):
         pass  # an adapter from elsewhere need not carry lorabot's metrics
     return info

@@ -36,7 +36,7 @@ def test_table_rows_and_readme_rewrite(tmp_path: Path) -> None:
 def test_a_continued_adapter_shows_the_stage_before(tmp_path: Path) -> None:
     folder = tmp_path / "adapters" / "qa"
     folder.mkdir(parents=True)
-    init = {"path": "runs/adapters/qa_first", "examples": 4000, "steps": 497, "time_s": 5220.0}
+    init = {"path": "runs/adapters/qa_first", "read": 4000, "examples": 3971, "steps": 497, "time_s": 5220.0}
     metrics = {"task": "qa", "dev": {"holdout": {"f1": 71.5, "exact_match": 60.25, "n": 400}}, "base": {},
                "train": {"read": 3205, "steps": 397, "time_s": 4200.0, "processes": 1, "threads": 2,
                          "init_adapter": init}}
