@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bot.adapters import AdapterInfo
 from bot.errors import AdapterError
 from bot.models import BaseModelRef, load_model, resolve_base
 from training.batching import IGNORE
@@ -37,11 +38,13 @@ def add_lora(model: Any, lora: dict[str, Any]) -> Any:
     return get_peft_model(model, config)
 
 
-def init_from_adapter(peft_model: Any, folder: Path, *, task: str, lora: dict[str, Any], base_shape: str) -> None:
+def init_from_adapter(peft_model: Any, folder: Path, *, task: str, lora: dict[str, Any],
+                      base_shape: str) -> AdapterInfo:
     """Start from an existing adapter's LoRA weights (continued fine-tuning) instead of a fresh LoRA.
 
     The adapter must be one this run could have written: same task and prompt format, same base model
-    shape and the same LoRA rank, alpha and target modules (the optimizer state starts fresh).
+    shape and the same LoRA rank, alpha and target modules (the optimizer state starts fresh). Returns
+    what ``validate_adapter`` read of it (its metrics.json included).
     """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -68,6 +71,7 @@ def init_from_adapter(peft_model: Any, folder: Path, *, task: str, lora: dict[st
     if missing or result.unexpected_keys:
         raise AdapterError(f"{where}: its weights do not fit this model (missing {missing[:2]}, "
                            f"unexpected {list(result.unexpected_keys)[:2]})")
+    return info
 
 
 def load_adapter(model: Any, folder: Path) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bot.adapters import MANIFEST, manifest_dict
+from bot.adapters import MANIFEST, AdapterInfo, manifest_dict
 from bot.errors import ConfigError
 from bot.models import shape_signature
 from training import checkpoint
@@ -273,9 +273,8 @@ def train(config: dict[str, Any], out: Path, train_examples: list[Example], dev:
         raise ConfigError("train.max_length", [f"all {len(train_examples)} training examples are longer than "
                                                f"{cfg['max_length']} tokens"])
     peft = add_lora(base, config["lora"])
-    if cfg["init_adapter"]:
-        init_from_adapter(peft, Path(cfg["init_adapter"]), task=task, lora=config["lora"],
-                          base_shape=shape_signature(base.config))
+    init = (init_from_adapter(peft, Path(cfg["init_adapter"]), task=task, lora=config["lora"],
+                              base_shape=shape_signature(base.config)) if cfg["init_adapter"] else None)
     loss_model = LossModel(peft, label_token_ids(tok, labels) if task == "sentiment" else ())
     params = [p for p in loss_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -306,7 +305,7 @@ def train(config: dict[str, Any], out: Path, train_examples: list[Example], dev:
     record_eval(run, scores)
     base_scores = evaluate_dev(run, config["eval"]["final_limit"], base=True) if config["eval"]["base"] else {}
     if acc.is_main_process:
-        train_info = _train_info(run, len(train_examples), skipped, dtype)
+        train_info = _train_info(run, len(train_examples), skipped, dtype, init)
         metrics = {"task": task, "primary": PRIMARY[task], "dev": scores, "base": base_scores, "train": train_info,
                    "history": {"loss": state.losses, "eval": state.evals}}
 
@@ -332,7 +331,7 @@ def train(config: dict[str, Any], out: Path, train_examples: list[Example], dev:
     return out
 
 
-def _train_info(run: Run, n_examples: int, skipped: int, dtype: str) -> dict[str, Any]:
+def _train_info(run: Run, n_examples: int, skipped: int, dtype: str, init: AdapterInfo | None) -> dict[str, Any]:
     import peft
     import transformers
 
@@ -343,7 +342,7 @@ def _train_info(run: Run, n_examples: int, skipped: int, dtype: str) -> dict[str
         "tokens_seen": st.tokens, "time_s": st.train_s, "tokens_per_s": st.tokens / max(st.train_s, 1e-9),
         "final_loss": st.losses[-1][1] if st.losses else None, "processes": acc.num_processes,
         "kept_step": st.best["step"] if st.best else len(run.plan),
-        **({"init_adapter": _init_info(Path(init))} if (init := run.config["train"]["init_adapter"]) else {}),
+        **({"init_adapter": _stage_before(init)} if init else {}),
         "threads": torch.get_num_threads(), "dtype": dtype, "device": str(acc.device),
         "machine": f"{_cpu_name()} ({os.cpu_count()} cores, {acc.device})",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -351,15 +350,13 @@ def _train_info(run: Run, n_examples: int, skipped: int, dtype: str) -> dict[str
     }
 
 
-def _init_info(folder: Path) -> dict[str, Any]:
+def _stage_before(init: AdapterInfo) -> dict[str, Any]:
     """The starting adapter of a continued run and, from its metrics.json, what training it had."""
-    info: dict[str, Any] = {"path": str(folder)}
-    try:
-        earlier = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["train"]
-        info |= {k: earlier[k] for k in ("read", "examples", "steps", "time_s")}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # an adapter from elsewhere need not carry lorabot's metrics
-    return info
+    earlier = init.metrics.get("train")
+    keys = ("read", "examples", "steps", "time_s")
+    # An adapter from elsewhere need not carry lorabot's metrics: then only its path is known.
+    known = isinstance(earlier, dict) and all(k in earlier for k in keys)
+    return {"path": str(init.path)} | ({k: earlier[k] for k in keys} if known else {})
 
 
 def _cpu_name() -> str:
