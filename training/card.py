@@ -51,10 +51,16 @@ def _score_rows(task: str, adapter: dict[str, Any], base: dict[str, Any]) -> lis
 
 def _init_line(init: dict[str, Any]) -> str:
     """Continued fine-tuning: name the starting adapter and what it cost, so the total stays visible."""
+    return (f"- started from the weights of {_stages(init)}, not a fresh LoRA (train.init_adapter); "
+            "the time above is this run's only")
+
+
+def _stages(init: dict[str, Any]) -> str:
+    """The starting adapter, what it cost, and (when it was continued too) the stages before it."""
     before = (f" ({init['examples']} examples, {init['steps']} steps, {init['time_s'] / 60:.1f} min of training)"
               if "time_s" in init else "")
-    return (f"- started from the weights of `{init['path']}`{before}, not a fresh LoRA (train.init_adapter); "
-            "the time above is this run's only")
+    earlier = init.get("init_adapter")
+    return f"`{init['path']}`{before}" + (f", itself started from {_stages(earlier)}" if earlier else "")
 
 
 def write_card(path: Path, *, name: str, config: dict[str, Any], base_name: str, labels: list[str],

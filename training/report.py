@@ -31,7 +31,7 @@ def _continued(init: dict[str, Any] | None) -> str:
     read = init.get("read", init.get("examples"))
     before = (f": {read:,} examples, {init['steps']:,} steps, {init['time_s'] / 60:.0f} min"
               if "time_s" in init else "")
-    return f", continuing `{Path(init['path']).name}`{before}"
+    return f", continuing `{Path(init['path']).name}`{before}" + _continued(init.get("init_adapter"))
 
 
 def table(adapters_dir: Path) -> str:

@@ -356,7 +356,11 @@ def _stage_before(init: AdapterInfo) -> dict[str, Any]:
     keys = ("read", "examples", "steps", "time_s")
     # An adapter from elsewhere need not carry lorabot's metrics: then only its path is known.
     known = isinstance(earlier, dict) and all(k in earlier for k in keys)
-    return {"path": str(init.path)} | ({k: earlier[k] for k in keys} if known else {})
+    if not known:
+        return {"path": str(init.path)}
+    # A starting adapter that was itself continued carries its own stage before: keep the whole chain.
+    chain = {"init_adapter": earlier["init_adapter"]} if isinstance(earlier.get("init_adapter"), dict) else {}
+    return {"path": str(init.path)} | {k: earlier[k] for k in keys} | chain
 
 
 def _cpu_name() -> str:

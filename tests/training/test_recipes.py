@@ -13,10 +13,10 @@ from training.recipes import make_all
 RECIPES = Path(make_all.__file__).parent
 
 
-@pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first"])
+@pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first", "qa_second"])
 def test_recipe_resolves(name: str) -> None:
     config = load_config(RECIPES / f"{name}.toml")
-    assert config["task"] == name.removesuffix("_first")
+    assert config["task"] == name.split("_")[0]
     specs = data_specs(config["data"]["train"], "train") + data_specs(config["data"]["dev"], "dev")
     assert specs and all(s["path"].startswith("../shared/data/") for s in specs)
 
@@ -44,11 +44,14 @@ def test_make_all_dry_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytes
 def test_make_all_trains_qa_in_stages(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(Path.cwd())
     assert make_all.main(["--dry-run", "--force", "qa"]) == 0
-    first, second = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    first, second, third = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     assert "train qa --config" in first and "qa_first.toml --out runs/adapters/qa_first" in first
-    assert "qa.toml --out adapters/qa" in second
-    # Stage 2 starts from stage 1's output and trains exactly the questions stage 1 left out.
-    stage1, stage2 = load_config(RECIPES / "qa_first.toml"), load_config(RECIPES / "qa.toml")
+    assert "qa_second.toml --out runs/adapters/qa_second" in second
+    assert "qa.toml --out adapters/qa" in third
+    # Each stage starts from the one before; stage 2 trains exactly the questions stage 1 left out.
+    stage1, stage2, stage3 = (load_config(RECIPES / f"{name}.toml") for name in ("qa_first", "qa_second", "qa"))
     assert stage2["train"]["init_adapter"] == "runs/adapters/qa_first"
+    assert stage3["train"]["init_adapter"] == "runs/adapters/qa_second"
     assert stage2["data"]["train"][0]["skip"] == stage1["data"]["train"][0]["limit"]
-    assert stage1["lora"] == stage2["lora"] and stage1["seed"] == stage2["seed"]
+    assert stage1["seed"] == stage2["seed"]
+    assert stage1["lora"] == stage2["lora"] == stage3["lora"]

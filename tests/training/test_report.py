@@ -33,13 +33,16 @@ def test_table_rows_and_readme_rewrite(tmp_path: Path) -> None:
     assert readme.read_text() == f"# x\n{START}\n{text}\n{END}\nafter\n"
 
 
-def test_a_continued_adapter_shows_the_stage_before(tmp_path: Path) -> None:
+def test_a_continued_adapter_shows_the_stages_before(tmp_path: Path) -> None:
     folder = tmp_path / "adapters" / "qa"
     folder.mkdir(parents=True)
-    init = {"path": "runs/adapters/qa_first", "read": 4000, "examples": 3971, "steps": 497, "time_s": 5220.0}
+    first = {"path": "runs/adapters/qa_first", "read": 4000, "examples": 3971, "steps": 497, "time_s": 5220.0}
+    init = {"path": "runs/adapters/qa_second", "read": 3205, "examples": 3190, "steps": 397, "time_s": 4560.0,
+            "init_adapter": first}
     metrics = {"task": "qa", "dev": {"holdout": {"f1": 71.5, "exact_match": 60.25, "n": 400}}, "base": {},
                "train": {"read": 3205, "steps": 397, "time_s": 4200.0, "processes": 1, "threads": 2,
                          "init_adapter": init}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
     assert ("| qa | holdout (400) | F1 | 71.50 | — | 3,205 examples, 397 steps, 70 min (1×2 threads), "
-            "continuing `qa_first`: 4,000 examples, 497 steps, 87 min |") in table(tmp_path / "adapters")
+            "continuing `qa_second`: 3,205 examples, 397 steps, 76 min, continuing `qa_first`: 4,000 examples, "
+            "497 steps, 87 min |") in table(tmp_path / "adapters")

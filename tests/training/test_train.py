@@ -103,6 +103,14 @@ def test_init_adapter_continues_from_its_weights(tiny_base: Path, tmp_path: Path
     init = metrics["train"]["init_adapter"]
     assert (init["path"], init["examples"], init["steps"]) == (str(first), 12, 3) and init["time_s"] > 0
     assert "started from the weights of" in (out / "README.md").read_text()
+    # A third stage records the whole chain, so its card and the README table show every stage's cost.
+    sets = ("train.max_steps=1", "eval.base=false", f'train.init_adapter="{out}"')
+    third = tasks.sentiment(config("sentiment", tiny_base, tmp_path / "c", data, None, *sets), tmp_path / "third")
+    chain = json.loads((third / "metrics.json").read_text())["train"]["init_adapter"]
+    assert (chain["path"], chain["steps"], chain["init_adapter"]["path"]) == (str(out), 1, str(first))
+    assert "init_adapter" not in chain["init_adapter"]
+    assert "itself started from the weights of" not in (third / "README.md").read_text()
+    assert f"itself started from `{first}` (12 examples, 3 steps" in (third / "README.md").read_text()
 
 
 def test_init_adapter_must_match_the_run(tiny_base: Path, tmp_path: Path) -> None:
