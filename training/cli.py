@@ -48,6 +48,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=0, help="ner/qa generation limit (0 = task default)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.add_argument("--predictions", type=Path, metavar="FILE.jsonl",
+                   help="also write one JSON line per example (input, gold, output, score) for error analysis")
     p.set_defaults(func=eval_command)
 
     p = subparsers.add_parser("export", help="export logged conversations as chat training data (JSONL)")
@@ -97,11 +99,26 @@ def train_command(args: argparse.Namespace) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     def run() -> int:
+        from bot.errors import ConfigError
+        from training.evaluate import PRIMARY
         from training.tasks import evaluate_adapter
 
+        records: list[dict] | None = None
+        if args.predictions:
+            # Refused before the (long) evaluation, not after it.
+            if PRIMARY[args.task] == "perplexity":
+                raise ConfigError("--predictions", [f"{args.task} is scored by perplexity: no per-example "
+                                                    "predictions to write (sentiment, ner and qa have them)"])
+            records = []
         result = evaluate_adapter(args.task, args.data, adapter=None if args.base_only else args.adapter,
                                   base=args.base, limit=args.limit, holdout=args.holdout,
-                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                  predictions=records)
+        if records is not None:
+            from training.export import write_jsonl
+
+            write_jsonl(args.predictions, records)
+            print(f"wrote {len(records)} predictions to {args.predictions}")
         who = result["adapter"] or f"base model {result['base_model']}"
         print(f"{args.task} on {args.data} ({result['n']} examples), {who}, {result['time_s']:.1f} s:")
         for key, value in result["metrics"].items():

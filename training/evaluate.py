@@ -99,13 +99,18 @@ def squad_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def squad_scores(prediction: str, gold: Sequence[str]) -> tuple[float, float]:
+    """One question's exact match and F1 (0..1), each the max over its gold answers."""
+    return (max(float(squad_normalize(prediction) == squad_normalize(g)) for g in gold),
+            max(squad_f1(prediction, g) for g in gold))
+
+
 def qa_metrics(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, Any]:
-    """SQuAD v1.1 exact match and F1 in percent, each the max over the gold answers."""
-    em = [max(float(squad_normalize(p) == squad_normalize(g)) for g in gold) for p, gold in
-          zip(predictions, answers, strict=True)]
-    f1 = [max(squad_f1(p, g) for g in gold) for p, gold in zip(predictions, answers, strict=True)]
-    n = max(len(em), 1)
-    return {"exact_match": 100 * sum(em) / n, "f1": 100 * sum(f1) / n, "n": len(em)}
+    """SQuAD v1.1 exact match and F1 in percent, averaged over the questions."""
+    scores = [squad_scores(p, gold) for p, gold in zip(predictions, answers, strict=True)]
+    n = max(len(scores), 1)
+    return {"exact_match": 100 * sum(em for em, _ in scores) / n, "f1": 100 * sum(f1 for _, f1 in scores) / n,
+            "n": len(scores)}
 
 
 # ---------------------------------------------------------------- inference
@@ -176,19 +181,26 @@ def perplexity(model: Any, encoded: Sequence[Encoded], pad_id: int, *, batch_siz
 
 
 def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, labels: Sequence[str] = (),
-             batch_size: int = 16, max_new_tokens: int = 0, max_length: int = 1024) -> dict[str, Any]:
-    """Score ``model`` on ``examples`` (all of them; evaluation never drops long examples)."""
+             batch_size: int = 16, max_new_tokens: int = 0, max_length: int = 1024,
+             predictions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Score ``model`` on ``examples`` (all of them; evaluation never drops long examples).
+
+    ``predictions``, when given, receives one record per example (input, gold, the model's raw output,
+    what the bot would make of it and its score) for error analysis; perplexity tasks add none.
+    """
+    sink: list[dict[str, Any]] = [] if predictions is None else predictions
     was_training = model.training
     model.eval()
     try:
         if task == "sentiment":
-            return eval_sentiment(model, tok, examples, labels, batch_size=batch_size)  # type: ignore[arg-type]
+            return eval_sentiment(model, tok, examples, labels, batch_size=batch_size,  # type: ignore[arg-type]
+                                  predictions=sink)
         if task == "ner":
             return eval_ner(model, tok, examples, labels, batch_size=batch_size,  # type: ignore[arg-type]
-                            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["ner"])
+                            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["ner"], predictions=sink)
         if task == "qa":
             return eval_qa(model, tok, examples, batch_size=batch_size,  # type: ignore[arg-type]
-                           max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["qa"])
+                           max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["qa"], predictions=sink)
         # Perplexity of the text itself: without the EOS that training appends (the bare base model
         # has no reason to end a story there), stories cut at max_length rather than dropped.
         encoded, _ = encode(task, examples, tok, max_length=max_length, eos=False)
@@ -198,7 +210,7 @@ def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, la
 
 
 def eval_sentiment(model: Any, tok: Any, examples: Sequence[SentimentExample], labels: Sequence[str], *,
-                   batch_size: int = 16) -> dict[str, Any]:
+                   batch_size: int = 16, predictions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     present = {ex.label for ex in examples}
     # Only the labels present in the data compete (in the adapter's order), so a 3-class adapter
     # can be scored on a binary dataset.
@@ -207,11 +219,16 @@ def eval_sentiment(model: Any, tok: Any, examples: Sequence[SentimentExample], l
     pred = [choices[max(range(len(p)), key=p.__getitem__)] for p in probs]
     metrics = sentiment_metrics([ex.label for ex in examples], pred, choices)
     metrics["labels"] = choices
+    if predictions is not None:
+        predictions.extend({"text": ex.text, "gold": ex.label, "predicted": p, "correct": ex.label == p,
+                            "probs": dict(zip(choices, (round(x, 4) for x in ps), strict=True))}
+                           for ex, p, ps in zip(examples, pred, probs, strict=True))
     return metrics
 
 
 def eval_ner(model: Any, tok: Any, examples: Sequence[NERExample], labels: Sequence[str], *,
-             batch_size: int = 16, max_new_tokens: int = 96) -> dict[str, Any]:
+             batch_size: int = 16, max_new_tokens: int = 96,
+             predictions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     outputs = generate(model, tok, [NERFormat.prompt(ex.text) for ex in examples], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, stop=NERFormat.stop)
     types = tuple(labels) or tuple(sorted({t for ex in examples for _, t in ex.entities()}))
@@ -220,6 +237,10 @@ def eval_ner(model: Any, tok: Any, examples: Sequence[NERExample], labels: Seque
         found = NERFormat.result(out, ex.text, types).entities
         gold.append(list(ex.tags))
         pred.append(entities_to_tags(ex.tokens, [(e.start, e.end, e.type) for e in found]))
+        if predictions is not None:
+            predictions.append({"sentence": ex.text, "gold": [[text, etype] for text, etype in ex.entities()],
+                                "output": out.strip(), "predicted": [[e.text, e.type] for e in found],
+                                "correct": gold[-1] == pred[-1]})
     metrics = ner_metrics(gold, pred)
     metrics["examples"] = [{"sentence": ex.text, "output": out.strip()} for ex, out in
                            zip(examples[:3], outputs[:3], strict=False)]
@@ -227,11 +248,16 @@ def eval_ner(model: Any, tok: Any, examples: Sequence[NERExample], labels: Seque
 
 
 def eval_qa(model: Any, tok: Any, examples: Sequence[QAExample], *, batch_size: int = 16,
-            max_new_tokens: int = 24) -> dict[str, Any]:
+            max_new_tokens: int = 24, predictions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     outputs = generate(model, tok, [QAFormat.prompt(ex.context, ex.question) for ex in examples],
                        max_new_tokens=max_new_tokens, batch_size=batch_size, stop=QAFormat.stop)
     answers = [QAFormat.result(out, ex.context).answer for ex, out in zip(examples, outputs, strict=True)]
     metrics = qa_metrics(answers, [ex.answers for ex in examples])
+    if predictions is not None:
+        for ex, out, answer in zip(examples, outputs, answers, strict=True):
+            em, f1 = squad_scores(answer, ex.answers)
+            predictions.append({"question": ex.question, "context": ex.context, "gold": list(ex.answers),
+                                "output": out, "answer": answer, "exact_match": em, "f1": round(f1, 4)})
     metrics["examples"] = [{"question": ex.question, "answer": a, "gold": ex.answers[0]} for ex, a in
                            zip(examples[:3], answers[:3], strict=False)]
     return metrics

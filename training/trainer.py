@@ -31,6 +31,7 @@ from training.card import plot_curves, write_card
 from training.config import fingerprint, to_toml
 from training.data import Example
 from training.evaluate import PRIMARY, evaluate, higher_is_better
+from training.export import write_jsonl
 from training.model import (
     LossModel,
     add_lora,
@@ -126,17 +127,24 @@ def fit(run: Run) -> None:
 # ---------------------------------------------------------------- evaluation during and after training
 
 
-def evaluate_dev(run: Run, limit: int, *, base: bool = False) -> dict[str, dict[str, Any]]:
-    """Score every dev set on the main process (the others wait); ``base``: with the adapter disabled."""
+def evaluate_dev(run: Run, limit: int, *, base: bool = False, final: bool = False) -> dict[str, dict[str, Any]]:
+    """Score every dev set on the main process (the others wait); ``base``: with the adapter disabled.
+
+    ``final``: also write each example's prediction to the run folder (predictions[-base]-DEV.jsonl, as
+    ``lorabot eval --predictions`` does), so the final scores can be looked into without a second pass.
+    """
     acc, scores = run.accelerator, {}
     if acc.is_main_process:
         peft, ev = run.peft, run.config["eval"]
         with peft.disable_adapter() if base else nullcontext():
             for name, examples in run.dev.items():
                 subset = examples[:limit] if limit else examples
+                records: list[dict[str, Any]] = []
                 scores[name] = evaluate(run.config["task"], peft, run.tok, subset, labels=run.labels,
                                         batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"],
-                                        max_length=run.config["train"]["max_length"])
+                                        max_length=run.config["train"]["max_length"], predictions=records)
+                if final and records:
+                    write_jsonl(run.run_dir / f"predictions-{'base-' if base else ''}{name}.jsonl", records)
         run.model.train()
     acc.wait_for_everyone()
     return scores
@@ -301,9 +309,10 @@ def train(config: dict[str, Any], out: Path, train_examples: list[Example], dev:
         save_checkpoint(run)  # the weights are safe even if the final evaluation fails
     if cfg["keep_best"]:
         restore_best(run)
-    scores = evaluate_dev(run, config["eval"]["final_limit"])
+    scores = evaluate_dev(run, config["eval"]["final_limit"], final=True)
     record_eval(run, scores)
-    base_scores = evaluate_dev(run, config["eval"]["final_limit"], base=True) if config["eval"]["base"] else {}
+    base_scores = (evaluate_dev(run, config["eval"]["final_limit"], base=True, final=True)
+                   if config["eval"]["base"] else {})
     if acc.is_main_process:
         train_info = _train_info(run, len(train_examples), skipped, dtype, init)
         metrics = {"task": task, "primary": PRIMARY[task], "dev": scores, "base": base_scores, "train": train_info,

@@ -148,6 +148,12 @@ def test_adapter_folder_contents(tiny_base: Path, tmp_path: Path) -> None:
     card = (out / "README.md").read_text()
     assert "base model" in card and "tokens/s" in card and "sst" in card
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # The final evaluation's per-example predictions stay in the run folder, out of the adapter.
+    for who in ("", "base-"):
+        records = [json.loads(line) for line in (tmp_path / "runs" / f"predictions-{who}sst.jsonl").open()]
+        assert [r["text"] for r in records] == ["good", "bad"]
+        scores = metrics["base" if who else "dev"]["sst"]
+        assert 50 * sum(r["correct"] for r in records) == pytest.approx(scores["accuracy"])
 
 
 def test_keep_best_publishes_the_best_evaluations_weights(tiny_base: Path, tmp_path: Path,
@@ -159,8 +165,8 @@ def test_keep_best_publishes_the_best_evaluations_weights(tiny_base: Path, tmp_p
     snapshots: dict[int, dict[str, Any]] = {}
     real_eval = T.evaluate_dev
 
-    def scripted_eval(run: T.Run, limit: int, *, base: bool = False) -> dict[str, dict[str, Any]]:
-        scores = real_eval(run, limit, base=base)
+    def scripted_eval(run: T.Run, limit: int, *, base: bool = False, final: bool = False) -> dict[str, dict[str, Any]]:
+        scores = real_eval(run, limit, base=base, final=final)
         if not base and run.state.step not in snapshots:
             snapshots[run.state.step] = {k: v.clone() for k, v in T.trainable_state(
                 run.accelerator.unwrap_model(run.model)).items()}
@@ -201,8 +207,8 @@ def test_best_of_judges_by_one_dev_set(tiny_base: Path, tmp_path: Path, monkeypa
     script = {2: (80.0, 90.0), 4: (85.0, 60.0), 6: (70.0, 70.0)}
     real_eval = T.evaluate_dev
 
-    def scripted_eval(run: T.Run, limit: int, *, base: bool = False) -> dict[str, dict[str, Any]]:
-        scores = real_eval(run, limit, base=base)
+    def scripted_eval(run: T.Run, limit: int, *, base: bool = False, final: bool = False) -> dict[str, dict[str, Any]]:
+        scores = real_eval(run, limit, base=base, final=final)
         if not base and limit == run.config["eval"]["limit"]:
             scores["reviews"]["accuracy"], scores["tweets"]["accuracy"] = script[run.state.step]
         return scores
@@ -273,6 +279,18 @@ def test_eval_cli(tiny_base: Path, tiny_adapters: Path, tmp_path: Path, capsys: 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["adapter"] is None and result["n"] == 2
 
+    # --predictions: one record per example, agreeing with the aggregate score.
+    out = tmp_path / "analysis" / "sst-predictions.jsonl"
+    assert main([*args, "--adapter", str(tiny_adapters / "sentiment"), "--predictions", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in records] == ["good", "bad"] * 3 and set(records[0]["probs"]) == {"negative", "positive"}
+    assert 100 * sum(r["correct"] for r in records) / 6 == pytest.approx(result["metrics"]["accuracy"])
+    story = write_jsonl(tmp_path / "story.jsonl", [{"text": "Once upon a time."}])
+    assert main(["eval", "story", "--base-only", "--data", str(story), "--base", str(tiny_base),
+                 "--predictions", str(tmp_path / "story-predictions.jsonl")]) == 2
+    assert "scored by perplexity" in capsys.readouterr().err and not (tmp_path / "story-predictions.jsonl").exists()
+
     ner = write_jsonl(tmp_path / "ner.jsonl", NER)
     assert main(["eval", "ner", "--adapter", str(tiny_adapters / "ner"), "--data", str(ner), "--base", str(tiny_base),
                  "--max-new-tokens", "8", "--json"]) == 0
@@ -287,8 +305,14 @@ def test_qa_holdout_eval_matches_training_split(tiny_base: Path, tiny_adapters: 
     rows = [dict(r, id=f"{n}-{r['id']}", context=f"{r['context']} ({n})") for n in range(20) for r in QA]
     data = write_jsonl(tmp_path / "squad.jsonl", rows)
     assert main(["eval", "qa", "--adapter", str(tiny_adapters / "qa"), "--data", str(data), "--base", str(tiny_base),
-                 "--holdout", "0.25", "--max-new-tokens", "2", "--json"]) == 0
-    n = json.loads(capsys.readouterr().out.splitlines()[-1])["n"]
+                 "--holdout", "0.25", "--max-new-tokens", "2", "--json",
+                 "--predictions", str(tmp_path / "p.jsonl")]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    n = result["n"]
+    records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(records) == n
+    assert {"question", "context", "gold", "output", "answer", "exact_match", "f1"} <= set(records[0])
+    assert 100 * sum(r["f1"] for r in records) / n == pytest.approx(result["metrics"]["f1"], abs=1e-3)
     from training.data import load
 
     held = load("qa", {"path": str(data), "holdout": 0.25, "part": "holdout"}, (), seed=0)
