@@ -60,9 +60,13 @@ class Entities:
 class Answer:
     answer: str
     context_chars: int = 0
+    # Where the answer is quoted in the context (context[start:end] == answer); None when the model's
+    # answer is not in the text word for word, a sign it may not come from the text at all.
+    start: int | None = None
+    end: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"answer": self.answer}
+        return {"answer": self.answer} | ({"start": self.start, "end": self.end} if self.start is not None else {})
 
 
 @dataclass(frozen=True)

@@ -137,8 +137,21 @@ class QAFormat:
 
     @staticmethod
     def result(output: str, context: str = "") -> Answer:
+        """The first line of the output, located in the context (quoted as the context writes it)."""
         answer = output.strip().split("\n", 1)[0].strip()
-        return Answer(answer=answer, context_chars=len(context))
+        span = locate(answer, context)
+        if span is None:
+            return Answer(answer=answer, context_chars=len(context))
+        return Answer(answer=context[span[0]:span[1]], context_chars=len(context), start=span[0], end=span[1])
+
+
+def locate(quote: str, source: str) -> tuple[int, int] | None:
+    """Where ``quote`` occurs in ``source`` ignoring case and spacing, preferring a whole-word occurrence."""
+    if not quote.strip() or not source:
+        return None
+    pattern = re.compile(r"\s+".join(re.escape(word) for word in quote.split()), re.IGNORECASE)
+    spans = [m.span() for m in pattern.finditer(source)]
+    return next((s for s in spans if _word_bounded(source, *s)), spans[0] if spans else None)
 
 
 @dataclass(frozen=True)

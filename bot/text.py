@@ -44,7 +44,10 @@ def render(result: SkillResult | None) -> str:
             return "No named entities found."
         return "\n".join(f"• {e.text} — {e.type} [{e.start}:{e.end}]" for e in result.entities)
     if isinstance(result, Answer):
-        return result.answer or "(no answer found in the text)"
+        if not result.answer:
+            return "(no answer found in the text)"
+        quoted = result.start is not None or not result.context_chars
+        return result.answer if quoted else f"{result.answer}\n(not found word for word in the text)"
     if isinstance(result, Text):
         return result.text or "(the model produced no text)"
     return ""

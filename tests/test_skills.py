@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bot.skills import NERFormat, QAFormat, SentimentFormat, StoryFormat
+from bot.text import render
 
 
 def test_prompts_keep_their_layout_whatever_the_input():
@@ -51,3 +52,24 @@ def test_story_prompt_theme_or_opening():
 
 def test_qa_answer_is_first_line():
     assert QAFormat.result(" Paris\nQuestion: more").answer == "Paris"
+
+
+def test_qa_answer_is_located_in_the_context():
+    context = "The Seine flows through paris. Paris  Saint-Germain plays in Paris."
+    # Case and spacing as the context writes them; a whole-word occurrence first.
+    found = QAFormat.result(" paris saint-germain\n", context)
+    assert (found.answer, found.start, found.end) == ("Paris  Saint-Germain", 31, 51)
+    assert context[found.start:found.end] == found.answer
+    assert QAFormat.result(" Seine", "Seines and the Seine").start == 15
+    made_up = QAFormat.result(" the Thames", context)
+    assert (made_up.answer, made_up.start) == ("the Thames", None)
+    assert render(made_up) == "the Thames\n(not found word for word in the text)"
+    assert render(found) == "Paris  Saint-Germain" and render(QAFormat.result(" ", context)).startswith("(no answer")
+    assert found.to_json() == {"answer": "Paris  Saint-Germain", "start": 31, "end": 51}
+
+
+@given(st.text(max_size=40), st.text(max_size=200))
+def test_qa_located_answers_always_match_the_context(output, context):
+    found = QAFormat.result(output, context)
+    if found.start is not None:
+        assert context[found.start:found.end] == found.answer
