@@ -89,7 +89,7 @@ class NERFormat:
         for text, etype in cls.parse_pairs(output):
             if etype not in labels:
                 continue
-            pattern = re.compile(r"\s+".join(re.escape(part) for part in text.split()))
+            pattern = _spaced(text)
             span = None
             for start_at in (cursor, 0):
                 for m in pattern.finditer(source, start_at):
@@ -105,6 +105,11 @@ class NERFormat:
             found.append(Entity(text=source[span[0]:span[1]], type=etype, start=span[0], end=span[1]))
         found.sort(key=lambda e: e.start)
         return Entities(entities=tuple(found), source=source)
+
+
+def _spaced(text: str, flags: int = 0) -> re.Pattern[str]:
+    """``text`` as a pattern that matches it with any run of whitespace between its words."""
+    return re.compile(r"\s+".join(re.escape(word) for word in text.split()), flags)
 
 
 def _word_bounded(source: str, start: int, end: int) -> bool:
@@ -149,8 +154,7 @@ def locate(quote: str, source: str) -> tuple[int, int] | None:
     """Where ``quote`` occurs in ``source`` ignoring case and spacing, preferring a whole-word occurrence."""
     if not quote.strip() or not source:
         return None
-    pattern = re.compile(r"\s+".join(re.escape(word) for word in quote.split()), re.IGNORECASE)
-    spans = [m.span() for m in pattern.finditer(source)]
+    spans = [m.span() for m in _spaced(quote, re.IGNORECASE).finditer(source)]
     return next((s for s in spans if _word_bounded(source, *s)), spans[0] if spans else None)
 
 

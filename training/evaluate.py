@@ -188,19 +188,18 @@ def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, la
     ``predictions``, when given, receives one record per example (input, gold, the model's raw output,
     what the bot would make of it and its score) for error analysis; perplexity tasks add none.
     """
-    sink: list[dict[str, Any]] = [] if predictions is None else predictions
     was_training = model.training
     model.eval()
     try:
         if task == "sentiment":
             return eval_sentiment(model, tok, examples, labels, batch_size=batch_size,  # type: ignore[arg-type]
-                                  predictions=sink)
+                                  predictions=predictions)
         if task == "ner":
             return eval_ner(model, tok, examples, labels, batch_size=batch_size,  # type: ignore[arg-type]
-                            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["ner"], predictions=sink)
+                            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["ner"], predictions=predictions)
         if task == "qa":
             return eval_qa(model, tok, examples, batch_size=batch_size,  # type: ignore[arg-type]
-                           max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["qa"], predictions=sink)
+                           max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["qa"], predictions=predictions)
         # Perplexity of the text itself: without the EOS that training appends (the bare base model
         # has no reason to end a story there), stories cut at max_length rather than dropped.
         encoded, _ = encode(task, examples, tok, max_length=max_length, eos=False)

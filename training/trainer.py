@@ -139,11 +139,11 @@ def evaluate_dev(run: Run, limit: int, *, base: bool = False, final: bool = Fals
         with peft.disable_adapter() if base else nullcontext():
             for name, examples in run.dev.items():
                 subset = examples[:limit] if limit else examples
-                records: list[dict[str, Any]] = []
+                records: list[dict[str, Any]] | None = [] if final else None  # periodic ones are not kept
                 scores[name] = evaluate(run.config["task"], peft, run.tok, subset, labels=run.labels,
                                         batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"],
                                         max_length=run.config["train"]["max_length"], predictions=records)
-                if final and records:
+                if records:
                     write_jsonl(run.run_dir / f"predictions-{'base-' if base else ''}{name}.jsonl", records)
         run.model.train()
     acc.wait_for_everyone()
