@@ -112,8 +112,8 @@ RANDOM_ADAPTERS = (("sentiment", "sentiment"), ("ner", "ner"), ("qa", "qa"), ("s
 
 def make_random_adapters(base_dir: Path, out: Path, *, rank: int = 16, base_name: str | None = None) -> Path:
     """One random LoRA per shipped skill, of the real shape (rank 16 on all linear layers, as the recipes)."""
-    from bot.random_model import save_random_adapter
     from bot.skills import NERFormat, SentimentFormat
+    from tests.random_model import save_random_adapter
 
     labels = {"sentiment": SentimentFormat.default_labels, "ner": NERFormat.default_labels}
     for seed, (name, task) in enumerate(RANDOM_ADAPTERS, start=1):
@@ -128,8 +128,7 @@ def adapters_for_bench(adapters_dir: Path, base_dir: Path, base_name: str, scrat
     """The trained adapters when adapters_dir holds valid ones, else random ones of the real shape."""
     from transformers import AutoConfig
 
-    from bot.adapters import scan_adapters
-    from bot.models import shape_signature
+    from bot.adapters import scan_adapters, shape_signature
 
     shape = shape_signature(AutoConfig.from_pretrained(base_dir, local_files_only=True))
     found, _ = scan_adapters(adapters_dir, base_model=base_name, base_shape=shape)

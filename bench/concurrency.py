@@ -6,7 +6,7 @@ The same 16 requests (story, qa, chat, ner in turn: four adapters, chat on the b
 are answered:
 * naive: one request at a time, PEFT ``set_adapter`` (or ``disable_adapter`` for chat) between requests,
   a plain transformers greedy loop with a DynamicCache (the baseline);
-* by the engine (fast backend, loaded as ``lorabot run`` loads it: bot.light_model with the bundled
+* by the engine (fast backend, loaded as ``lorabot run`` loads it: bot.engine.light_model with the bundled
   GGUF's quantised weights) with N = 1, 4, 8, 16 simultaneous chats: chat i sends requests
   i, i+N, i+2N, ... one after the other, as a user waits for each answer;
 * with ``--peft``, also by the engine's PEFT backend (``adapter_names`` per row), N = 16: the batched
@@ -192,8 +192,8 @@ async def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
 
     from bot.adapters import scan_adapters
     from bot.config import Config, replace
-    from bot.engine_local import LocalEngine
-    from bot.models import BUNDLED, load_model, resolve_base
+    from bot.engine.loading import BUNDLED, load_model, resolve_base
+    from bot.engine.scheduler import LocalEngine
 
     set_threads(threads)
     base = resolve_base(BUNDLED, progress=False)
@@ -201,7 +201,7 @@ async def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
         adapters_dir, adapters_note = adapters_for_bench(REPO / "adapters", base.path, base.name, Path(scratch))
         found, _ = scan_adapters(adapters_dir)
         by_task = {info.task: name for name, info in sorted(found.items())}
-        # The engine as `lorabot run` builds it (bot.light_model; the bundled GGUF's quantised weights).
+        # The engine as `lorabot run` builds it (bot.engine.light_model; the bundled GGUF's quantised weights).
         config = replace(Config(), adapters={"dir": str(adapters_dir)}, engine={"max_batch": max(args.chats)},
                          model={"dtype": "float32", "threads": threads})
         engine = LocalEngine.from_config(config, progress=False)

@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.gpu_check --device cpu --max-batch 4   # smoke test on a CPU
 
 The real SmolLM2-135M weights cannot travel to the GPU machine, so the base model is a randomly
-initialised Llama of the same shape (``bot.random_model.save_random_llama(shape="smollm2-135m")``) with
+initialised Llama of the same shape (``tests.random_model.save_random_llama(shape="smollm2-135m")``) with
 the real tokenizer, read from bench/tokenizer/ (copied from the bundled model; refreshed from it when it
 is installed). Four random LoRA adapters of the real shape (r 16, all linear layers) are attached; the
 streams cycle through them and the bare base model. Greedy decoding, ``--new-tokens`` per stream
@@ -31,10 +31,10 @@ THEMES = ["a fox", "the sea", "a small robot", "winter", "an old key", "a lost d
 
 def tokenizer_dir() -> Path:
     """bench/tokenizer/, refreshed from the bundled model when it is installed here."""
-    from bot.random_model import copy_tokenizer
+    from tests.random_model import copy_tokenizer
 
     try:
-        from bot.models import BUNDLED, resolve_base
+        from bot.engine.loading import BUNDLED, resolve_base
 
         copy_tokenizer(resolve_base(BUNDLED, progress=False).path, TOKENIZER)
     except Exception:  # no bundled model on this machine (the GPU box): use the committed copy
@@ -45,7 +45,7 @@ def tokenizer_dir() -> Path:
 
 
 def build(scratch: Path) -> tuple[Path, Path]:
-    from bot.random_model import save_random_adapter, save_random_llama
+    from tests.random_model import save_random_adapter, save_random_llama
 
     base = save_random_llama(scratch / "random-smollm2-135m", tokenizer_dir(), shape="smollm2-135m", seed=0)
     adapters = scratch / "adapters"
@@ -72,8 +72,8 @@ async def run_batch(engine: Any, size: int, new_tokens: int) -> dict[str, Any]:
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from bot.engine_local import LocalEngine
-    from bot.models import BaseModelRef, load_model
+    from bot.engine.loading import BaseModelRef, load_model
+    from bot.engine.scheduler import LocalEngine
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here; for a CPU smoke test: --device cpu --max-batch 4")

@@ -81,8 +81,8 @@ async def measure(config: Config, runs: int, gen_runs: int | None = None) -> dic
 async def sentiment_vs_peft(engine: object, config: Config, runs: int) -> dict:
     """The sentiment call alone (engine.classify), this engine against the PEFT backend (the baseline),
     alternating between the two so that both see the same machine load."""
-    from bot.engine_local import LocalEngine
-    from bot.models import load_model, resolve_base
+    from bot.engine.loading import load_model, resolve_base
+    from bot.engine.scheduler import LocalEngine
     from bot.skills import SentimentFormat
 
     base = resolve_base(config.model.base, progress=False)
@@ -143,7 +143,7 @@ def main() -> None:
     threads, why = choose_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(args.config)
-        from bot.models import resolve_base
+        from bot.engine.loading import resolve_base
 
         base = resolve_base(config.model.base, progress=False)
         adapters_dir, note = adapters_for_bench(config.path(config.adapters.dir), base.path, base.name, Path(tmp))

@@ -48,7 +48,7 @@ def matmul_peak_gflops(threads: int, m: int = 512, k: int = 576, n: int = 1536, 
     over a 512-token prefill: large enough for both to run at their best."""
     import torch
 
-    from bot import cpu_kernels
+    from bot.engine import kernels
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
@@ -56,9 +56,9 @@ def matmul_peak_gflops(threads: int, m: int = 512, k: int = 576, n: int = 1536, 
     w = torch.randn(n, k, generator=gen)
     flops = 2.0 * m * k * n
     rates = {"torch": flops / _best_seconds(lambda: torch.nn.functional.linear(x, w), repeats) / 1e9}
-    if cpu_kernels.load() is not None and cpu_kernels.usable(x, w):
+    if kernels.load() is not None and kernels.usable(x, w):
         out = torch.empty(m, n)
-        rates["kernel"] = flops / _best_seconds(lambda: cpu_kernels.linear(x, w, threads, out), repeats) / 1e9
+        rates["kernel"] = flops / _best_seconds(lambda: kernels.linear(x, w, threads, out), repeats) / 1e9
     best = max(rates, key=lambda key: rates[key])
     return {"gflops": round(rates[best], 1), "by": best, "all": {key: round(v, 1) for key, v in rates.items()},
             "shape": [m, k, n], "threads": threads}

@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 async def hotload(backend: str, adapters_dir: Path, scratch: Path, loads: int) -> dict[str, Any]:
-    from bot.engine_local import LocalEngine
-    from bot.models import BUNDLED, load_model, resolve_base
+    from bot.engine.loading import BUNDLED, load_model, resolve_base
+    from bot.engine.scheduler import LocalEngine
 
     base = resolve_base(BUNDLED, progress=False)
     model, tok = load_model(base.path, dtype="float32", device="cpu")
@@ -59,8 +59,8 @@ async def hotload(backend: str, adapters_dir: Path, scratch: Path, loads: int) -
             await engine.reload_adapters()
             per_adapter.setdefault(name, []).append((time.perf_counter() - t) * 1000)
             assert name in engine.adapters, engine.problems
-            if engine._fast is not None:
-                memory[name] = engine._fast.adapter_bytes(name) / 2**20
+            if engine._backend.adapter_bytes(name):
+                memory[name] = engine._backend.adapter_bytes(name) / 2**20
             else:
                 memory.setdefault(name, rss_mb() - before)
             shutil.rmtree(live / name)
@@ -100,7 +100,7 @@ async def child(backend: str, adapters_dir: Path, threads: int) -> None:
     marks = {"spawned_to_main": time.time()}
     from bot.app import open_app
     from bot.config import Config, replace
-    from bot.engine_local import LocalEngine
+    from bot.engine.scheduler import LocalEngine
     from bot.messages import Incoming
 
     torch_threads = threads
@@ -109,7 +109,7 @@ async def child(backend: str, adapters_dir: Path, threads: int) -> None:
         config = replace(Config(), store={"path": str(Path(tmp) / "bot.db")}, adapters={"dir": str(adapters_dir)},
                          model={"threads": torch_threads}, access={"rate_limit_per_minute": 0},
                          engine={"backend": backend})
-        # As `lorabot run` does: the fast backend loads the folder without transformers (bot/light_model.py).
+        # As `lorabot run` does: the fast backend loads the folder without transformers (bot/engine/light_model.py).
         engine = LocalEngine.from_config(config, progress=False)
         marks["engine_loaded"] = time.time()
         async with open_app(config, engine=engine) as app:
@@ -157,7 +157,7 @@ def main() -> None:
         return
     threads, why = choose_threads(args.threads)
     set_threads(threads)
-    from bot.models import BUNDLED, resolve_base
+    from bot.engine.loading import BUNDLED, resolve_base
 
     base = resolve_base(BUNDLED, progress=False)
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,17 +36,18 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
 
 
 def lorabot_run(n_examples: int, n_dev: int, out: Path, threads: int) -> dict[str, Any]:
-    from training.config import load_config
+    from training.config import load_config, replace
     from training.tasks import TRAIN
 
-    config = load_config(None, [])
-    config.update(task="sentiment", labels=list(LABELS), seed=1234)
-    config["data"]["train"] = [{"path": str(DATA / "sst2_train.jsonl"), "limit": n_examples, "min_words": 6}]
-    config["data"]["dev"] = [{"path": str(DATA / "sst2_dev.jsonl"), "limit": n_dev}]
-    config["lora"] = dict(LORA)
-    config["train"].update(epochs=1, batch_size=16, lr=3e-4, max_length=128, eval_every=0, checkpoint_every=0,
-                           threads=threads, log_every=5, run_dir=str(out / "run"))
-    config["eval"].update(base=False, final_limit=0, batch_size=32)
+    config = replace(
+        load_config(None, []), task="sentiment", labels=list(LABELS), seed=1234,
+        data={"train": [{"path": str(DATA / "sst2_train.jsonl"), "limit": n_examples, "min_words": 6}],
+              "dev": [{"path": str(DATA / "sst2_dev.jsonl"), "limit": n_dev}]},
+        lora=dict(LORA),
+        train=dict(epochs=1, batch_size=16, lr=3e-4, max_length=128, eval_every=0, checkpoint_every=0,
+                   threads=threads, log_every=5, run_dir=str(out / "run")),
+        eval=dict(base=False, final_limit=0, batch_size=32),
+    )
     TRAIN["sentiment"](config, out / "lorabot-sst2")
     metrics = json.loads((out / "lorabot-sst2" / "metrics.json").read_text())
     train = metrics["train"]
@@ -61,6 +62,7 @@ def trainer_run(n_examples: int, n_dev: int, out: Path, threads: int, steps: int
 
     from bot.skills import SentimentFormat
     from training import data as D
+    from training.config import LoraSettings
     from training.evaluate import evaluate
     from training.model import add_lora, load_base
 
@@ -69,7 +71,7 @@ def trainer_run(n_examples: int, n_dev: int, out: Path, threads: int, steps: int
                    LABELS, 1234)
     dev = D.load("sentiment", {"path": str(DATA / "sst2_dev.jsonl"), "limit": n_dev}, LABELS, 1234)
     model, tok, _ = load_base("bundled", dtype="float32", device="cpu")
-    peft = add_lora(model, LORA)
+    peft = add_lora(model, LoraSettings(**{**LORA, "target_modules": tuple(LORA["target_modules"])}))
     rows = []
     for ex in train:
         prompt = tok(SentimentFormat.prompt(ex.text), add_special_tokens=False).input_ids

@@ -50,6 +50,12 @@ class Access:
     def is_admin(self, msg: Incoming) -> bool:
         return bool(_ids(msg) & set(self.config.admins))
 
+    def refund(self, msg: Incoming) -> None:
+        """Take back the last request ``retry_after`` counted for this user (it was refused as malformed)."""
+        window = self._recent.get(f"{msg.platform}:{msg.user_id}")
+        if window:
+            window.pop()
+
     def retry_after(self, msg: Incoming) -> float:
         """0 if the user may send now (and count it), else seconds until they may."""
         limit = self.config.rate_limit_per_minute

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from bot.config import Config
 from bot.core import Core
 from bot.engine import Engine
+from bot.engine import load_engine as _load_engine
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,8 @@ class App:
 
 
 def load_engine(config: Config, *, progress: bool = True) -> Engine:
-    """The in-process engine (blocking: run it off the event loop)."""
-    from bot.engine_local import LocalEngine
-
-    return LocalEngine.from_config(config, progress=progress)
+    """The in-process engine (blocking: run it off the event loop); tests replace this seam."""
+    return _load_engine(config, progress=progress)
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""The ``lorabot`` command: chat, run, ask, adapters, db, and (from training/) train, eval, export.
+"""The ``lorabot`` command: chat, run, ask, adapters, db, doctor, and (from training/) train, eval, export.
 
 Heavy modules are imported inside the commands, so ``lorabot --help`` answers instantly.
 """
@@ -43,7 +43,7 @@ def setup_logging(config: Config, verbose: int) -> None:
 # --------------------------------------------------------------------------- commands
 async def _chat(config: Config) -> int:
     from bot.app import open_app
-    from bot.console import console_chat
+    from bot.transports.console import console_chat
 
     async with open_app(config) as app:
         await console_chat(app.core)
@@ -142,13 +142,10 @@ async def _ask(config: Config, args: argparse.Namespace) -> int:
 
 def _adapters(config: Config, args: argparse.Namespace) -> int:
     from bot.adapters import scan_adapters
-    from bot.models import resolve_base, shape_signature
+    from bot.engine import base_signature
 
-    base = resolve_base(config.model.base)
-    from transformers import AutoConfig
-
-    shape = shape_signature(AutoConfig.from_pretrained(base.path, local_files_only=True))
-    found, problems = scan_adapters(config.path(config.adapters.dir), base_model=base.name, base_shape=shape)
+    name, shape = base_signature(config)
+    found, problems = scan_adapters(config.path(config.adapters.dir), base_model=name, base_shape=shape)
     for info in found.values():
         labels = f" labels={','.join(info.labels)}" if info.labels else ""
         print(f"{info.name:16} task={info.task} format=v{info.format_version} r={info.rank}{labels}")
@@ -222,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     adapters = sub.add_parser("adapters", help="list the adapters and why any are not loaded")
     adapters.add_argument("--check", action="store_true", help="exit 1 if any adapter folder is invalid")
+    doctor = sub.add_parser("doctor", help="what this installation will use (paste it into bug reports)")
+    doctor.add_argument("--json", action="store_true", help="one JSON object")
     db = sub.add_parser("db", help="the conversation database: stats, check, export, vacuum, purge")
     db.add_argument("action", choices=["stats", "check", "export", "vacuum", "purge", "unanswered"])
     db.add_argument("--db", help="database file (default: [store] path)")
@@ -253,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             return _adapters(config, args)
         if args.command == "db":
             return _db(config, args)
+        if args.command == "doctor":
+            from bot import doctor
+
+            print(doctor.render(doctor.report(config), as_json=args.json))
+            return 0
         return int(args.func(args) or 0)
     except LorabotError as exc:
         print(f"lorabot: {exc}", file=sys.stderr)

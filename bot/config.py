@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ class AdaptersConfig:
 class EngineConfig:
     max_batch: int = 16
     batch_wait_ms: int = 5
-    # "fast": lorabot's batched multi-adapter forward (bot/fast_lora.py); "peft": PEFT's reference
+    # "fast": lorabot's batched multi-adapter forward (bot/engine/fast_llama.py); "peft": PEFT's reference
     # implementation; "auto" picks fast whenever the model architecture supports it.
     backend: str = "auto"
     # A small-batch AVX2 matmul compiled on first use (CPU only; falls back to torch when unavailable).
@@ -141,6 +142,10 @@ class Config:
         return value or None
 
 
+# A mode is a built-in skill or an adapter's folder name (bot.adapters.NAME_RE); which adapters exist is
+# known only once the engine scanned them, so an unknown but well-formed name falls back to chat at run time.
+_MODE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "model.device": ("auto", "cpu", "cuda"),
@@ -188,6 +193,9 @@ def _check_value(key: str, value: Any, annotation: Any, problems: list[str]) -> 
     elif annotation is str and not isinstance(value, str):
         problems.append(f"{key}: expected a string, got {value!r}")
         return None
+    if key == "bot.default_mode" and isinstance(value, str) and not _MODE_NAME.fullmatch(value):
+        problems.append(f"{key}: must name a skill (chat, sentiment, ner, qa, story) or an adapter folder "
+                        f"(lowercase letters, digits, - and _); got {value!r}")
     if key in _CHOICES and value not in _CHOICES[key]:
         problems.append(f"{key}: must be one of {', '.join(_CHOICES[key])}; got {value!r}")
     if key in _POSITIVE and value <= 0:

@@ -19,6 +19,8 @@ from bot.config import Config
 from bot.engine import Engine, SamplingParams
 from bot.errors import LorabotError, UserInputError
 from bot.messages import Incoming, Reply, SkillResult, Text, Usage
+from bot.render import render, render_compare
+from bot.sanitize import clean_input
 from bot.skills import (
     SKILLS,
     ChatFormat,
@@ -27,7 +29,6 @@ from bot.skills import (
     SentimentFormat,
     StoryFormat,
 )
-from bot.text import clean_input, render, render_compare
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,28 @@ class Core:
             attachment_text=clean_input(msg.attachment_text) if msg.attachment_text else None,
         )
         name = clean_input(msg.user_name) or None if msg.user_name else None
+        command, args = _parse_command(text)
+        counted = self._asks_the_model(command, args, text, msg)
+        if counted:
+            # Counted and refused before anything is written: a flood must not grow the log. A request that
+            # turns out malformed is refunded below, so it does not use up the user's allowance.
+            wait = self.access.retry_after(msg)
+            if wait:
+                return Reply(text=f"You are sending messages too quickly; please wait {wait:.0f} s and try again.",
+                             kind="refusal")
         user_id = await self.store.ensure_user(msg.platform, msg.user_id, name)
         chat_id = await self.store.ensure_chat(msg.platform, msg.chat_id)
-        command, args = _parse_command(text)
         if command == "forget":  # nothing about the user may be written after this
             counts = await self.store.forget_user(msg.platform, msg.user_id)
             n = counts.get("messages", 0) if isinstance(counts, dict) else counts
             return Reply(text=f"Done: I deleted everything stored about you ({n} messages).", kind="command")
         mode = await self.store.get_mode(chat_id) or self.config.bot.default_mode
+        fallback = ""
+        if mode not in self.modes():
+            # An adapter that was removed (or a default naming none): chat still works, and says why.
+            fallback = f"(The skill {mode!r} is not available any more, so the base model answers as chat.)"
+            log.warning("chat %s: mode %r is not available; falling back to chat", chat_id, mode)
+            mode = "chat"
         skill = SKILL_COMMANDS.get(command or "") if command else mode
         in_id = await self.store.log_incoming(
             chat_id=chat_id, user_id=user_id, text=text, skill=skill, platform_message_id=msg.message_id,
@@ -115,6 +130,8 @@ class Core:
         try:
             reply = await self._dispatch(msg, text, command, args, chat_id, mode, stream)
         except UserInputError as exc:
+            if counted:
+                self.access.refund(msg)
             reply = Reply(text=str(exc), kind="refusal")
         except LorabotError as exc:
             log.warning("request failed: %s", exc)
@@ -122,6 +139,8 @@ class Core:
         except Exception:
             log.exception("unexpected error while answering a message")
             reply = Reply(text="Sorry, something went wrong on my side; the error has been logged.", kind="error")
+        if fallback and command is None:
+            reply = replace(reply, text=f"{fallback}\n\n{reply.text}")
         status = {"answer": "answered", "command": "answered", "refusal": "refused", "error": "failed"}[reply.kind]
         latency = (time.perf_counter() - started) * 1000
         out_id = await self.store.log_reply(
@@ -149,7 +168,6 @@ class Core:
     ) -> Reply:
         if command is None:
             self._check_text(text, msg, context=self.modes().get(mode) == "qa")
-            self._check_rate(msg)
             return await self._run(mode, text, msg, stream)
         if command in ("start", "help"):
             return Reply(text=self.help_text(), kind="command")
@@ -177,16 +195,25 @@ class Core:
                     + ", ".join(m for m, t in self.modes().items() if t != "chat")
                 )
             self._check_text(rest, msg, context=self.modes()[target] == "qa")
-            self._check_rate(msg)
             return await self._compare(target, rest.strip(), msg)
         if command in SKILL_COMMANDS:
             target = SKILL_COMMANDS[command]
             if not args and not (target == "qa" and (msg.reply_to_text or msg.attachment_text)):
                 raise UserInputError(f"Usage: {SKILLS[target].usage}")
             self._check_text(args, msg, context=target == "qa")
-            self._check_rate(msg)
             return await self._run(target, args, msg, stream)
         raise UserInputError(f"Unknown command /{command}. Send /help to see what I can do.")
+
+    def _asks_the_model(self, command: str | None, args: str, text: str, msg: Incoming) -> bool:
+        """Whether this message is a model request the rate limit counts (malformed ones are refused free)."""
+        if command is None:
+            return bool(text.strip()) or bool(msg.attachment_text)
+        if command == "compare":
+            target, _, rest = args.partition(" ")
+            return self.modes().get(target, "chat") != "chat" and bool(rest.strip())
+        if command in SKILL_COMMANDS:
+            return bool(args) or (SKILL_COMMANDS[command] == "qa" and bool(msg.reply_to_text or msg.attachment_text))
+        return False
 
     def _check_text(self, text: str, msg: Incoming, *, context: bool = False) -> None:
         if not text.strip() and not (context and msg.attachment_text):
@@ -198,11 +225,6 @@ class Core:
             raise UserInputError(
                 f"That is too long for me ({total:,} characters; the limit is {limit:,}). Send a shorter text."
             )
-
-    def _check_rate(self, msg: Incoming) -> None:
-        wait = self.access.retry_after(msg)
-        if wait:
-            raise UserInputError(f"You are sending messages too quickly; please wait {wait:.0f} s and try again.")
 
     async def _mode(self, args: str, chat_id: int, current: str) -> Reply:
         wanted = args.strip().lower()

@@ -8,6 +8,7 @@ thread only. Every SQLite failure surfaces as ``StoreError`` naming the database
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -229,12 +230,35 @@ class Store:
             id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, applied_at TEXT NOT NULL)""")
         for number, name, fn in pending:
             try:
-                with self.db.atomic():
+                with self._write():
                     fn(self.db)
                     self.db.execute("INSERT INTO _migrations (id, name, applied_at) VALUES (?, ?, ?)",
                                     [number, name, self._now()])
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.path}: migration {name} failed: {_explain(exc)}") from exc
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """A write transaction that takes the write lock at its start (``BEGIN IMMEDIATE``).
+
+        sqlite-utils' ``atomic()`` begins a deferred transaction: one that reads first and writes later can
+        fail at once with SQLITE_BUSY_SNAPSHOT when another process committed in between, without waiting
+        for the busy timeout. Taking the lock first makes a second writer wait its turn instead. Nested
+        calls become savepoints, as in ``atomic()``.
+        """
+        conn = self.db.conn
+        if conn.in_transaction:
+            with self.db.atomic():
+                yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def _now(self) -> str:
         # Strictly increasing within a store, so "created after reset_at" never ties on a coarse clock.
@@ -258,7 +282,7 @@ class Store:
                               key).fetchone()
         if row is not None and (name is None or name == row[1]):
             return int(row[0])
-        with self.db.atomic():
+        with self._write():
             self.db.execute(
                 """INSERT INTO users (platform, platform_user_id, name, created_at) VALUES (?, ?, ?, ?)
                    ON CONFLICT (platform, platform_user_id)
@@ -273,7 +297,7 @@ class Store:
         found = self._one("SELECT id FROM chats WHERE platform = ? AND platform_chat_id = ?", key)
         if found is not None:
             return int(found)
-        with self.db.atomic():
+        with self._write():
             self.db.execute(
                 """INSERT INTO chats (platform, platform_chat_id, created_at) VALUES (?, ?, ?)
                    ON CONFLICT (platform, platform_chat_id) DO NOTHING""",
@@ -288,14 +312,14 @@ class Store:
     @_guarded
     def set_mode(self, chat_id: int, mode: str | None) -> None:
         """Remember the chat's mode; None goes back to the default."""
-        with self.db.atomic():
+        with self._write():
             if self.db.execute("UPDATE chats SET mode = ? WHERE id = ?", [mode, chat_id]).rowcount == 0:
                 raise ValueError(f"no chat with id {chat_id}")
 
     @_guarded
     def reset(self, chat_id: int) -> None:
         """Start a fresh conversation: history() ignores everything before now."""
-        with self.db.atomic():
+        with self._write():
             if self.db.execute("UPDATE chats SET reset_at = ? WHERE id = ?",
                                [self._now(), chat_id]).rowcount == 0:
                 raise ValueError(f"no chat with id {chat_id}")
@@ -330,7 +354,7 @@ class Store:
         if result is not None and not isinstance(result, Mapping):
             result = result.to_json()
         table = self.db.table("messages")
-        with self.db.atomic():
+        with self._write():
             if self._one("SELECT 1 FROM messages WHERE id = ?", [reply_to]) is None:
                 return None  # the question was deleted meanwhile (/forget): the answer is not kept either
             table.insert({
@@ -353,7 +377,7 @@ class Store:
         """Settle an incoming message without a stored reply (e.g. the model failed)."""
         if status not in INCOMING_STATUSES:
             raise ValueError(f"status must be one of {', '.join(INCOMING_STATUSES)}; got {status!r}")
-        with self.db.atomic():
+        with self._write():
             updated = self.db.execute(
                 "UPDATE messages SET status = ?, error = ? WHERE id = ? AND direction = 'in'",
                 [status, error, message_id]).rowcount
@@ -406,7 +430,7 @@ class Store:
             raise ValueError(f"feedback value must be +1 or -1; got {value!r}")
         if self._one("SELECT direction FROM messages WHERE id = ?", [message_id]) != "out":
             return False
-        with self.db.atomic():
+        with self._write():
             user_id = self.ensure_user(platform, platform_user_id)
             self.db.execute(
                 """INSERT INTO feedback (message_id, user_id, value, created_at) VALUES (?, ?, ?, ?)
@@ -425,7 +449,7 @@ class Store:
         user row, and the chats in which nobody else wrote.
         """
         counts = {"users": 0, "chats": 0, "messages": 0, "feedback": 0}
-        with self.db.atomic():
+        with self._write():
             user_id = self._one("SELECT id FROM users WHERE platform = ? AND platform_user_id = ?",
                                 [platform, str(platform_user_id)])
             if user_id is None:
@@ -470,7 +494,7 @@ class Store:
         cutoff = _iso(datetime.now(UTC) - timedelta(days=days))
         old = "SELECT id FROM messages WHERE created_at < :cutoff"
         replies = f"SELECT id FROM messages WHERE reply_to IN ({old})"
-        with self.db.atomic():
+        with self._write():
             self.db.execute(f"DELETE FROM feedback WHERE message_id IN ({old}) OR message_id IN ({replies})",
                             {"cutoff": cutoff})
             # A reply can be newer than the cutoff; it goes with its question, and before it (foreign key).

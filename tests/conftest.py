@@ -22,14 +22,14 @@ def shared_data(relative: str) -> Path:
 @pytest.fixture(scope="session")
 def bundled_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted once into the user cache (needed for its tokenizer too)."""
-    from bot.models import BUNDLED, resolve_base
+    from bot.engine.loading import BUNDLED, resolve_base
 
     return resolve_base(BUNDLED, progress=False).path
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory, bundled_dir: Path) -> Path:
-    from bot.random_model import save_random_llama
+    from tests.random_model import save_random_llama
 
     return save_random_llama(tmp_path_factory.mktemp("models") / "tiny-llama", bundled_dir, shape="tiny")
 
@@ -37,7 +37,7 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory, bundled_dir: Path) -> Pa
 @pytest.fixture(scope="session")
 def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
     """An adapters folder with one random adapter per task, made for the tiny base."""
-    from bot.random_model import save_random_adapter
+    from tests.random_model import save_random_adapter
 
     folder = tmp_path_factory.mktemp("adapters")
     labels = SentimentFormat.default_labels

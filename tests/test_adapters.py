@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.adapters import scan_adapters, validate_adapter
+from bot.adapters import scan_adapters, shape_signature, validate_adapter
 from bot.errors import AdapterError
-from bot.models import shape_signature
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 from bot.app import open_app
 from bot.config import Config, replace
-from bot.console import console_chat
+from bot.transports.console import console_chat
 
 pytestmark = pytest.mark.real_model
 

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from bot.engine import SamplingParams
+from bot.engine.loading import BaseModelRef, load_model
 from bot.errors import AdapterError
-from bot.models import BaseModelRef, load_model
 
 GREEDY = SamplingParams(max_new_tokens=10)
 PROMPTS = [
@@ -22,9 +22,9 @@ PROMPTS = [
 
 
 def _engine(tiny_base, tiny_adapters, backend: str, max_batch: int = 8):
-    """backend "light": the fast backend on a model loaded without transformers (bot.light_model)."""
-    from bot.engine_local import LocalEngine
-    from bot.light_model import load_light
+    """backend "light": the fast backend on a model loaded without transformers (bot.engine.light_model)."""
+    from bot.engine.light_model import load_light
+    from bot.engine.scheduler import LocalEngine
 
     if backend == "light":
         model, tok = load_light(tiny_base, dtype="float32", device="cpu")
@@ -111,14 +111,15 @@ async def test_unknown_adapter_is_refused(engine):
 
 
 async def test_a_failing_request_does_not_break_the_others(engine, monkeypatch):
-    original = engine._forward_last
+    backend, original = engine._backend, engine._backend.prefill
+    poison = engine._tok("POISON", add_special_tokens=False).input_ids
 
-    def flaky(jobs, cache=None):
-        if any(j.prompt_ids == engine._tok("POISON", add_special_tokens=False).input_ids for j in jobs):
+    def flaky(batch, prompts, adapters):
+        if poison in prompts:
             raise RuntimeError("boom")
-        return original(jobs, cache)
+        return original(batch, prompts, adapters)
 
-    monkeypatch.setattr(engine, "_forward_last", flaky)
+    monkeypatch.setattr(backend, "prefill", flaky)
     results = await asyncio.gather(
         engine.generate("POISON", GREEDY, None), engine.generate(PROMPTS[0][0], GREEDY, None),
         return_exceptions=True,
@@ -205,7 +206,7 @@ def test_fast_forward_matches_peft_logits_with_mixed_adapters(tiny_base, tiny_ad
     import torch
     from peft import PeftModel
 
-    from bot.fast_lora import FastLlama
+    from bot.engine.fast_llama import FastLlama
 
     names = ["sentiment", "ner", "qa", "story"]
     ref_model, tok = load_model(tiny_base, dtype="float32", device="cpu")
@@ -237,7 +238,7 @@ def test_fast_forward_matches_peft_logits_with_mixed_adapters(tiny_base, tiny_ad
 def test_fast_backend_refuses_what_it_cannot_run(tiny_base, tiny_adapters, tmp_path):
     import json
 
-    from bot.fast_lora import FastLlama, unsupported
+    from bot.engine.fast_llama import FastLlama, unsupported
 
     model, _ = load_model(tiny_base, dtype="float32", device="cpu")
     assert unsupported(model) is None
@@ -258,7 +259,7 @@ def test_fast_backend_refuses_what_it_cannot_run(tiny_base, tiny_adapters, tmp_p
 def test_top_p_keeps_exactly_what_a_full_sort_keeps():
     import torch
 
-    from bot.sampling import top_p_candidates
+    from bot.engine.sampling import top_p_candidates
 
     for seed, scale, top_p in [(0, 0.3, 0.95), (1, 3.0, 0.9), (2, 10.0, 0.5), (3, 1.0, 0.999), (4, 30.0, 0.1)]:
         torch.manual_seed(seed)
@@ -272,7 +273,7 @@ def test_top_p_keeps_exactly_what_a_full_sort_keeps():
 def test_sampling_among_top_p_candidates_has_the_filtered_distribution():
     import torch
 
-    from bot.sampling import choose_next_tokens, top_p_filter
+    from bot.engine.sampling import choose_next_tokens, top_p_filter
 
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -5.0]])
     params = SamplingParams(temperature=0.9, top_p=0.8)
@@ -292,29 +293,29 @@ def test_sampling_among_top_p_candidates_has_the_filtered_distribution():
 def test_cpu_kernel_matches_torch_matmul():
     import torch
 
-    from bot import cpu_kernels
+    from bot.engine import kernels
 
-    if cpu_kernels.load() is None:
+    if kernels.load() is None:
         pytest.skip("no C compiler or no AVX2/FMA here: the engine uses torch's matmul")
     gen = torch.Generator().manual_seed(0)
     for m, n, k in [(1, 5, 8), (2, 64, 32), (3, 7, 24), (4, 1, 16), (7, 130, 64), (16, 96, 576), (30, 33, 40)]:
         x = torch.randn(m, k, generator=gen)
         w_full = torch.randn(n, k + 8, generator=gen)
         w = w_full[:, 3:3 + k]   # strided rows, as a column slice of a transposed LoRA stack
-        assert cpu_kernels.usable(x, w)
+        assert kernels.usable(x, w)
         want = x @ w.t()
-        assert torch.allclose(cpu_kernels.linear(x, w, 1), want, atol=1e-3, rtol=1e-5)
-        assert torch.allclose(cpu_kernels.linear(x, w, 2), want, atol=1e-3, rtol=1e-5)
+        assert torch.allclose(kernels.linear(x, w, 1), want, atol=1e-3, rtol=1e-5)
+        assert torch.allclose(kernels.linear(x, w, 2), want, atol=1e-3, rtol=1e-5)
         acc = torch.randn(m, n, generator=gen)
-        assert torch.allclose(cpu_kernels.linear(x, w, 2, out=acc.clone()), acc + want, atol=1e-3, rtol=1e-5)
-    assert not cpu_kernels.usable(torch.randn(2, 12), torch.randn(3, 12))  # K not a multiple of 8
+        assert torch.allclose(kernels.linear(x, w, 2, out=acc.clone()), acc + want, atol=1e-3, rtol=1e-5)
+    assert not kernels.usable(torch.randn(2, 12), torch.randn(3, 12))  # K not a multiple of 8
 
 
 def test_adapter_files_read_as_safetensors_reads_them(tiny_adapters):
     import torch
     from safetensors.torch import load_file
 
-    from bot.fast_lora import read_safetensors
+    from bot.engine.weights import read_safetensors
 
     path = tiny_adapters / "story" / "adapter_model.safetensors"
     want, got = load_file(str(path)), read_safetensors(path)

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot import cpu_kernels
-from bot.cpu_kernels import Q41Weight, Q80Weight, QuantWeight
-from bot.gguf_weights import GGUFError, quantized_weights, read_tensor_table
-from bot.light_model import load_light
-from bot.models import BUNDLED, resolve_base
+from bot.engine import kernels
+from bot.engine.gguf import GGUFError, quantized_weights, read_tensor_table
+from bot.engine.kernels import Q41Weight, Q80Weight, QuantWeight
+from bot.engine.light_model import load_light
+from bot.engine.loading import BUNDLED, resolve_base
 
-pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="no AVX2 compiler/CPU: float weights only")
+pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no AVX2 compiler/CPU: float weights only")
 
 
 def random_blocks(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -62,13 +62,13 @@ def test_quantised_matmul_equals_the_float_kernel_on_the_same_values(m: int, kin
     rows = torch.tensor([5, 0, 36, 5])
     assert torch.equal(w.dequantize(rows), reference[rows])
     x = torch.randn(m, k)
-    assert torch.equal(cpu_kernels.linear_quant(x, w, 2), cpu_kernels.linear(x, dense, 2))
+    assert torch.equal(kernels.linear_quant(x, w, 2), kernels.linear(x, dense, 2))
     into_q = torch.randn(m, n)
     into_f = into_q.clone()
-    cpu_kernels.linear_quant(x, w, 1, out=into_q)
-    cpu_kernels.linear(x, dense, 1, out=into_f)
+    kernels.linear_quant(x, w, 1, out=into_q)
+    kernels.linear(x, dense, 1, out=into_f)
     assert torch.equal(into_q, into_f)
-    assert torch.allclose(cpu_kernels.linear_quant(x, w, 1), x @ dense.T, atol=1e-4)
+    assert torch.allclose(kernels.linear_quant(x, w, 1), x @ dense.T, atol=1e-4)
 
 
 def test_a_file_that_is_not_gguf_is_refused_and_the_loader_keeps_float_weights(tiny_base: Path,
@@ -101,7 +101,7 @@ def test_every_bundled_linear_weight_is_the_converted_copy_bit_for_bit(bundled: 
 
 
 def test_the_quantised_engine_answers_exactly_like_the_float_one(bundled: tuple) -> None:
-    from bot.fast_lora import Columns, FastLlama
+    from bot.engine.fast_llama import Columns, FastLlama
 
     _, (dense, tok), (quant, _) = bundled
     assert sum(isinstance(w, QuantWeight) for w in quant.weights.values()) == 7 * quant.config.num_hidden_layers + 1

@@ -1,4 +1,4 @@
-"""Loading without transformers (bot.light_model): the same tokens, the same chat prompts, the same model."""
+"""Loading without transformers (bot.engine.light_model): the same tokens, the same chat prompts, the same model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.light_model import LightTokenizer, LightUnsupported, load_light, unsupported_folder
+from bot.engine.light_model import LightTokenizer, LightUnsupported, load_light, unsupported_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -28,7 +28,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tokenizers(bundled_dir):
-    from bot.models import load_tokenizer
+    from bot.engine.loading import load_tokenizer
 
     return load_tokenizer(bundled_dir), LightTokenizer(bundled_dir)
 
@@ -54,9 +54,9 @@ def test_chat_prompts_equal_transformers(tokenizers):
 def test_rope_frequencies_equal_transformers(tiny_base):
     import torch
 
-    from bot.fast_lora import rope_inv_freq
-    from bot.light_model import read_config
-    from bot.models import load_model
+    from bot.engine.fast_llama import rope_inv_freq
+    from bot.engine.light_model import read_config
+    from bot.engine.loading import load_model
 
     model, _ = load_model(tiny_base, dtype="float32", device="cpu")
     assert torch.equal(rope_inv_freq(read_config(tiny_base)), model.model.rotary_emb.inv_freq)
@@ -103,7 +103,7 @@ def test_what_it_cannot_load_exactly_goes_to_transformers(tiny_base, tmp_path):
 
 async def test_the_engine_falls_back_to_transformers(tiny_base, tmp_path):
     from bot.config import Config, replace
-    from bot.engine_local import LocalEngine
+    from bot.engine.scheduler import LocalEngine
 
     linear = _copy(tiny_base, tmp_path / "linear-rope",
                    rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})

@@ -31,8 +31,8 @@ def _evaluate(task: str, data: Path, adapter: Path | None, *, limit: int, holdou
 def test_shipped_adapter_is_a_valid_small_folder_for_the_bundled_model(name: str, bundled_dir: Path) -> None:
     from transformers import AutoConfig
 
-    from bot.adapters import validate_adapter
-    from bot.models import BUNDLED, resolve_base, shape_signature
+    from bot.adapters import shape_signature, validate_adapter
+    from bot.engine.loading import BUNDLED, resolve_base
 
     folder = ADAPTERS / name
     ref = resolve_base(BUNDLED, progress=False)

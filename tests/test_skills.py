@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bot.render import render
 from bot.skills import NERFormat, QAFormat, SentimentFormat, StoryFormat
-from bot.text import render
 
 
 def test_prompts_keep_their_layout_whatever_the_input():

@@ -34,7 +34,7 @@ class Encoded:
 
 
 def prompt_ids(tok: Any, prompt: str) -> list[int]:
-    # Exactly as the bot's engine encodes a prompt (bot/engine_local.py: no added special tokens).
+    # Exactly as the bot's engine encodes a prompt (bot/engine/scheduler.py: no added special tokens).
     return list(tok(prompt, add_special_tokens=False).input_ids)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.skills import SKILLS
-from training.config import to_toml
+from training.config import TrainConfig, to_toml
 from training.evaluate import PRIMARY
 
 
@@ -63,18 +63,18 @@ def _stages(init: dict[str, Any]) -> str:
     return f"`{init['path']}`{before}" + (f", itself started from {_stages(earlier)}" if earlier else "")
 
 
-def write_card(path: Path, *, name: str, config: dict[str, Any], base_name: str, labels: list[str],
+def write_card(path: Path, *, name: str, config: TrainConfig, base_name: str, labels: list[str],
                data: list[dict[str, Any]], train: dict[str, Any], scores: dict[str, Any],
                base_scores: dict[str, Any]) -> None:
     """README.md: what the adapter does, its data, hyper-parameters, cost and measured scores."""
-    task = config["task"]
+    task = config.task
     skill = next((s for s in SKILLS.values() if s.task == task), None)
     minutes = train["time_s"] / 60
     lines = [
         f"# {name}", "",
         f"A LoRA adapter for **{task}** on `{base_name}`, made by `lorabot train`."
         + (f" Use it in the bot with `{skill.usage}`." if skill else ""),
-        *(["", config["description"]] if config["description"] else []),
+        *(["", config.description] if config.description else []),
         "",
         "## Data", "",
         "| file | part | examples used |", "|---|---|---:|",
@@ -97,8 +97,8 @@ def write_card(path: Path, *, name: str, config: dict[str, Any], base_name: str,
         *([f"- weights: step {train['kept_step']} of {train['steps']}, the best periodic dev evaluation "
            "(train.keep_best)"] if train.get("kept_step", train["steps"]) != train["steps"] else []),
         *([_init_line(train["init_adapter"])] if train.get("init_adapter") else []),
-        f"- LoRA: r={config['lora']['r']}, alpha={config['lora']['alpha']}, dropout={config['lora']['dropout']}, "
-        f"on {', '.join(config['lora']['target_modules'])}; weights stored in bfloat16",
+        f"- LoRA: r={config.lora.r}, alpha={config.lora.alpha}, dropout={config.lora.dropout}, "
+        f"on {', '.join(config.lora.target_modules)}; weights stored in bfloat16",
         f"- versions: torch {train['versions']['torch']}, transformers {train['versions']['transformers']}, "
         f"peft {train['versions']['peft']}, Python {platform.python_version()}",
         "", "Resolved configuration (`recipe.toml` in this folder):", "", "```toml", to_toml(config).rstrip(), "```",

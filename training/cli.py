@@ -77,20 +77,17 @@ def _guard(run: Any) -> int:
 def train_command(args: argparse.Namespace) -> int:
     def run() -> int:
         from bot.errors import ConfigError
-        from training.config import load_config
+        from training.config import load_config, replace
         from training.tasks import TRAIN
 
         overrides = list(args.set)
         if args.base:
             overrides.append(f"base={json.dumps(args.base)}")
         config = load_config(args.config, overrides)
-        if config["task"] and config["task"] != args.task:
-            raise ConfigError(str(args.config), [f"task: the recipe is for {config['task']!r}, not {args.task!r}"])
-        config["task"] = args.task
-        if args.data:
-            config["data"]["train"] = [str(p) for p in args.data]
-        if args.dev:
-            config["data"]["dev"] = [str(p) for p in args.dev]
+        if config.task and config.task != args.task:
+            raise ConfigError(str(args.config), [f"task: the recipe is for {config.task!r}, not {args.task!r}"])
+        data = {"train": [str(p) for p in args.data or ()], "dev": [str(p) for p in args.dev or ()]}
+        config = replace(config, task=args.task, data={k: v for k, v in data.items() if v})
         TRAIN[args.task](config, args.out, resume=args.resume)
         return 0
 

@@ -1,72 +1,117 @@
-"""Training configuration: defaults, recipe TOML files and ``--set key=value`` overrides.
+"""Training configuration: typed, frozen settings from defaults, a recipe TOML file and ``--set key=value``.
 
-The resolved configuration is a plain dict (so it can be written back as TOML and compared on
-``--resume``); every problem is reported at once with its dotted key, as bot/config.py does.
+As in bot/config.py, every setting is a typed field with a default; unknown keys and wrong types are
+refused, and every problem is reported at once (one ConfigError naming the file and each dotted key).
+``TrainConfig.to_dict()`` is the plain form that reaches the disk: the resolved recipe.toml (run and
+adapter folders, the model card) and the ``--resume`` fingerprint are computed from it, so they are the
+same bytes as when the configuration was a nested dict. Data entries (training/dataspec.py) remember how
+the recipe wrote them for the same reason.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import functools
 import json
 import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bot.errors import ConfigError
+from training.dataspec import DataSpec, data_specs
 
 TASKS = ("sentiment", "ner", "qa", "story", "domain", "chat")
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = ("auto", "float32", "bfloat16")
 
-DEFAULTS: dict[str, Any] = {
-    "task": "",
-    "base": "bundled",             # "bundled", a model folder, or a cached Hugging Face id
-    "seed": 1234,
-    "description": "",
-    "labels": [],                  # sentiment: the classes (default negative/neutral/positive); ner: entity types
-    "data": {
-        "train": [],               # data specs: "file" or {path, limit, skip, min_words, balance, holdout, part}
-        "dev": [],                 # each dev spec is scored separately (one score per file)
-    },
+
+class _Section:
+    """The plain form of a settings table (lists for tuples, data entries as the recipe wrote them)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Section):
+        return value.to_dict()
+    if isinstance(value, DataSpec):
+        return value.written()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class DataSettings(_Section):
+    train: tuple[DataSpec, ...] = ()   # data specs: "file" or {path, limit, skip, min_words, balance, holdout, part}
+    dev: tuple[DataSpec, ...] = ()     # each dev spec is scored separately (one score per file)
+
+
+@dataclass(frozen=True)
+class LoraSettings(_Section):
+    r: int = 16
+    alpha: int = 32
     # No LoRA dropout by default: on CPU its random masks cost ~40% of a training step (measured).
-    "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": list(ALL_LINEAR)},
-    "train": {
-        "epochs": 1,
-        "max_steps": 0,            # 0 = epochs decide
-        "batch_size": 16,          # examples per optimizer step, over all processes
-        "micro_batch_tokens": 2048,  # padded tokens per forward pass (bounds memory); 0 = the whole shard
-        "lr": 3e-4,
-        "warmup": 0.03,            # fraction of the steps
-        "min_lr_ratio": 0.1,       # cosine decay ends at lr * min_lr_ratio
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "max_length": 256,         # tokens (prompt + target); longer examples are dropped (story: cut)
-        "dtype": "auto",           # auto = float32 on CPU (fastest here), bfloat16 mixed precision on CUDA
-        "threads": 0,              # torch CPU threads per process; 0 = cores / processes
-        "log_every": 10,
-        "eval_every": 200,         # steps between dev evaluations; 0 = only at the end
-        "checkpoint_every": 50,    # steps between checkpoints; 0 = none
-        # Continue fine-tuning from an adapter folder (its weights, not a fresh LoRA), as LLaMA-Factory's
-        # adapter_name_or_path: same task, format version, base model and LoRA shape. "" = a fresh LoRA.
-        "init_adapter": "",
-        "keep_best": False,        # publish the weights of the best periodic dev evaluation, not the last step's
-        "best_of": "",             # keep_best judges by this dev set (its name, e.g. "sst2_dev"); "" = the mean of all
-        "run_dir": "",             # default runs/NAME
-        "trace": False,            # write runs/NAME/trace-rankN.jsonl (the examples each process saw)
-    },
-    "eval": {
-        "batch_size": 16,
-        "limit": 200,              # dev examples per file for the periodic evaluation (0 = all)
-        "final_limit": 0,          # dev examples per file for the final scores in the card (0 = all)
-        "max_new_tokens": 0,       # 0 = the task's default
-        "base": True,              # also score the bare base model for the model card
-    },
-}
-
-SPEC_KEYS = {"path": str, "limit": int, "skip": int, "min_words": int, "balance": bool, "holdout": float, "part": str}
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ALL_LINEAR
 
 
-def default_config() -> dict[str, Any]:
-    return copy.deepcopy(DEFAULTS)
+@dataclass(frozen=True)
+class TrainSettings(_Section):
+    epochs: int = 1
+    max_steps: int = 0             # 0 = epochs decide
+    batch_size: int = 16           # examples per optimizer step, over all processes
+    micro_batch_tokens: int = 2048  # padded tokens per forward pass (bounds memory); 0 = the whole shard
+    lr: float = 3e-4
+    warmup: float = 0.03           # fraction of the steps
+    min_lr_ratio: float = 0.1      # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 256          # tokens (prompt + target); longer examples are dropped (story: cut)
+    dtype: str = "auto"            # auto = float32 on CPU (fastest here), bfloat16 mixed precision on CUDA
+    threads: int = 0               # torch CPU threads per process; 0 = cores / processes
+    log_every: int = 10
+    eval_every: int = 200          # steps between dev evaluations; 0 = only at the end
+    checkpoint_every: int = 50     # steps between checkpoints; 0 = none
+    # Continue fine-tuning from an adapter folder (its weights, not a fresh LoRA), as LLaMA-Factory's
+    # adapter_name_or_path: same task, format version, base model and LoRA shape. "" = a fresh LoRA.
+    init_adapter: str = ""
+    keep_best: bool = False        # publish the weights of the best periodic dev evaluation, not the last step's
+    best_of: str = ""              # keep_best judges by this dev set (its name, e.g. "sst2_dev"); "" = the mean of all
+    run_dir: str = ""              # default runs/NAME
+    trace: bool = False            # write runs/NAME/trace-rankN.jsonl (the examples each process saw)
+
+
+@dataclass(frozen=True)
+class EvalSettings(_Section):
+    batch_size: int = 16
+    limit: int = 200               # dev examples per file for the periodic evaluation (0 = all)
+    final_limit: int = 0           # dev examples per file for the final scores in the card (0 = all)
+    max_new_tokens: int = 0        # 0 = the task's default
+    base: bool = True              # also score the bare base model for the model card
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """One training run's settings; the field order is the order of the written recipe.toml."""
+
+    task: str = ""
+    base: str = "bundled"          # "bundled", a model folder, or a cached Hugging Face id
+    seed: int = 1234
+    description: str = ""
+    labels: tuple[str, ...] = ()   # sentiment: the classes (default negative/neutral/positive); ner: entity types
+    data: DataSettings = field(default_factory=DataSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+def default_config() -> TrainConfig:
+    return TrainConfig()
 
 
 def parse_value(text: str) -> Any:
@@ -77,9 +122,9 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def load_config(recipe: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def load_config(recipe: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults, then the recipe file, then each ``key=value`` override; validated."""
-    config = default_config()
+    values = TrainConfig().to_dict()
     source = "defaults"
     problems: list[str] = []
     if recipe is not None:
@@ -90,7 +135,7 @@ def load_config(recipe: Path | None = None, overrides: list[str] | tuple[str, ..
             raise ConfigError(source, ["file not found"]) from None
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
-        _merge(config, loaded, "", problems)
+        _merge(values, TrainConfig, loaded, "", problems)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -102,115 +147,137 @@ def load_config(recipe: Path | None = None, overrides: list[str] | tuple[str, ..
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = parse_value(value.strip())
-        _merge(config, nested, "", problems)
-    problems += _check(config)
+        _merge(values, TrainConfig, nested, "", problems)
+    config = _resolve(values, problems)
     if problems:
         raise ConfigError(source if not overrides else f"{source} + --set", problems)
     return config
 
 
-def _merge(into: dict[str, Any], new: dict[str, Any], prefix: str, problems: list[str]) -> None:
+def replace(config: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy with settings changed as a recipe would write them (``task="qa"``, ``train={"lr": 1e-4}``,
+    ``data={"train": ["a.jsonl"]}``), validated as ``load_config`` validates a recipe."""
+    values, problems = config.to_dict(), []
+    _merge(values, TrainConfig, changes, "", problems)
+    result = _resolve(values, problems)
+    if problems:
+        raise ConfigError("changed settings", problems)
+    return result
+
+
+@functools.cache
+def _fields(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+_WRONG = object()
+
+
+def _merge(into: dict[str, Any], cls: type, new: Mapping[str, Any], prefix: str, problems: list[str]) -> None:
+    """Type-check ``new`` against ``cls``'s fields and write it into ``into`` (its plain form)."""
+    kinds = _fields(cls)
     for key, value in new.items():
         dotted = f"{prefix}{key}"
-        if key not in into:
-            problems.append(f"{dotted}: unknown key")
-            continue
-        default = into[key]
-        if isinstance(default, dict):
-            if not isinstance(value, dict):
-                problems.append(f"{dotted}: expected a table")
+        kind = kinds.get(key)
+        if kind is None:
+            problems.append(f"{dotted}: unknown key (known: {', '.join(kinds)})")
+        elif dataclasses.is_dataclass(kind):
+            if isinstance(value, dict):
+                _merge(into[key], kind, value, dotted + ".", problems)  # type: ignore[arg-type]
             else:
-                _merge(default, value, dotted + ".", problems)
-            continue
-        if isinstance(default, bool) or isinstance(value, bool):
-            ok = isinstance(default, bool) and isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, int | float)
-            value = float(value) if ok else value
+                problems.append(f"{dotted}: expected a table")
+        elif (checked := _checked(kind, value)) is _WRONG:
+            name = "list" if typing.get_origin(kind) is tuple else kind.__name__
+            problems.append(f"{dotted}: expected {name}, got {value!r}")
         else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            problems.append(f"{dotted}: expected {type(default).__name__}, got {value!r}")
-            continue
-        into[key] = value
+            into[key] = checked
 
 
-def data_specs(raw: list[Any], where: str, problems: list[str] | None = None) -> list[dict[str, Any]]:
-    """Normalise data entries: a path string or a table with ``path`` and options."""
-    specs = []
-    sink = problems if problems is not None else []
-    for i, item in enumerate(raw):
-        spec = {"path": item} if isinstance(item, str) else item
-        if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
-            sink.append(f"{where}[{i}]: expected a path or a table with a path")
-            continue
-        for key, value in spec.items():
-            kind = SPEC_KEYS.get(key)
-            if kind is None:
-                sink.append(f"{where}[{i}].{key}: unknown key (known: {', '.join(SPEC_KEYS)})")
-            elif not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
-                sink.append(f"{where}[{i}].{key}: expected {kind.__name__}, got {value!r}")
-        if spec.get("part", "train") not in ("train", "holdout"):
-            sink.append(f"{where}[{i}].part: 'train' or 'holdout'")
-        for key in ("limit", "skip", "min_words"):
-            if isinstance(spec.get(key), int) and spec[key] < 0:
-                sink.append(f"{where}[{i}].{key}: must not be negative")
-        if not 0 <= float(spec.get("holdout", 0)) < 1:
-            sink.append(f"{where}[{i}].holdout: a fraction in [0, 1)")
-        specs.append(dict(spec))
-    if problems is None and sink:
-        raise ConfigError(where, sink)
-    return specs
+def _checked(kind: Any, value: Any) -> Any:
+    """``value`` as a ``kind`` field holds it, or _WRONG. Lists are checked item by item in ``_resolve``."""
+    if kind is bool or isinstance(value, bool):  # TOML's true is no number, and 1 is no boolean
+        return value if kind is bool and isinstance(value, bool) else _WRONG
+    if kind is float:
+        return float(value) if isinstance(value, int | float) else _WRONG
+    if typing.get_origin(kind) is tuple:
+        return value if isinstance(value, list) else _WRONG
+    return value if isinstance(value, kind) else _WRONG
 
 
-def _check(config: dict[str, Any]) -> list[str]:
+def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    kwargs: dict[str, Any] = {}
+    for name, kind in _fields(cls).items():
+        value = values[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.", problems)  # type: ignore[arg-type]
+        elif typing.get_args(kind)[:1] == (DataSpec,):
+            kwargs[name] = data_specs(value, f"{prefix}{name}", problems)
+        elif typing.get_origin(kind) is tuple:
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _resolve(values: dict[str, Any], problems: list[str]) -> TrainConfig:
+    """The merged plain form as a TrainConfig; value problems are added to ``problems``."""
+    spec_problems: list[str] = []
+    config: TrainConfig = _build(TrainConfig, values, "", spec_problems)
+    problems += _check(config, spec_problems)
+    return config
+
+
+def _check(config: TrainConfig, spec_problems: list[str]) -> list[str]:
     problems = []
-    if config["task"] and config["task"] not in TASKS:
-        problems.append(f"task: {config['task']!r} is not one of {', '.join(TASKS)}")
-    data_specs(config["data"]["train"], "data.train", problems)
-    data_specs(config["data"]["dev"], "data.dev", problems)
-    train, lora = config["train"], config["lora"]
+    if config.task and config.task not in TASKS:
+        problems.append(f"task: {config.task!r} is not one of {', '.join(TASKS)}")
+    problems += spec_problems
+    train, lora = config.train, config.lora
     for key in ("batch_size", "epochs", "max_length"):
-        if train[key] < 1:
+        if getattr(train, key) < 1:
             problems.append(f"train.{key}: must be at least 1")
     for key in ("micro_batch_tokens", "max_steps", "eval_every", "checkpoint_every", "threads", "log_every"):
-        if train[key] < 0:
+        if getattr(train, key) < 0:
             problems.append(f"train.{key}: must not be negative")
-    if train["lr"] <= 0:
+    if train.lr <= 0:
         problems.append("train.lr: must be positive")
-    if train["best_of"] and not train["keep_best"]:
+    if train.best_of and not train.keep_best:
         problems.append("train.best_of: only used with train.keep_best = true")
-    if train["keep_best"] and not train["eval_every"]:
+    if train.keep_best and not train.eval_every:
         problems.append("train.keep_best: needs periodic evaluations (train.eval_every > 0)")
-    if train["dtype"] not in ("auto", "float32", "bfloat16"):
+    if train.dtype not in DTYPES:
         problems.append("train.dtype: auto, float32 or bfloat16")
-    if lora["r"] < 1:
+    if lora.r < 1:
         problems.append("lora.r: must be at least 1")
-    if not lora["target_modules"] or not all(isinstance(m, str) for m in lora["target_modules"]):
+    if not lora.target_modules or not all(isinstance(m, str) for m in lora.target_modules):
         problems.append("lora.target_modules: a non-empty list of linear module names")
-    if not all(isinstance(x, str) and x.strip() for x in config["labels"]):
+    if not all(isinstance(x, str) and x.strip() for x in config.labels):
         problems.append("labels: a list of non-empty strings")
     return problems
 
 
-def fingerprint(config: dict[str, Any]) -> str:
-    """What must not change between a run and its ``--resume`` (data order and weights depend on it)."""
-    keep = {k: config[k] for k in ("task", "base", "seed", "labels", "data", "lora")}
-    keep["train"] = {k: config["train"][k] for k in ("batch_size", "epochs", "max_steps", "max_length", "lr")}
-    if config["train"].get("keep_best"):  # older recipes lack the key: their fingerprints stay the same
+def fingerprint(config: TrainConfig | Mapping[str, Any]) -> str:
+    """What must not change between a run and its ``--resume`` (data order and weights depend on it).
+
+    Also takes a recipe.toml read back from an adapter folder as a plain mapping (make_all compares one)."""
+    plain = config.to_dict() if isinstance(config, TrainConfig) else config
+    keep = {k: plain[k] for k in ("task", "base", "seed", "labels", "data", "lora")}
+    keep["train"] = {k: plain["train"][k] for k in ("batch_size", "epochs", "max_steps", "max_length", "lr")}
+    if plain["train"].get("keep_best"):  # older recipes lack the key: their fingerprints stay the same
         keep["train"]["keep_best"] = True
-        if config["train"].get("best_of"):
-            keep["train"]["best_of"] = config["train"]["best_of"]
-    if config["train"].get("init_adapter"):
-        keep["train"]["init_adapter"] = config["train"]["init_adapter"]
+        if plain["train"].get("best_of"):
+            keep["train"]["best_of"] = plain["train"]["best_of"]
+    if plain["train"].get("init_adapter"):
+        keep["train"]["init_adapter"] = plain["train"]["init_adapter"]
     return json.dumps(keep, sort_keys=True)
 
 
-def to_toml(config: dict[str, Any]) -> str:
+def to_toml(config: TrainConfig) -> str:
     """The resolved config as TOML (tomllib reads but cannot write; our values are simple)."""
+    plain = config.to_dict()
     lines: list[str] = []
-    tables = [(k, v) for k, v in config.items() if isinstance(v, dict)]
-    for key, value in config.items():
+    tables = [(k, v) for k, v in plain.items() if isinstance(v, dict)]
+    for key, value in plain.items():
         if not isinstance(value, dict):
             lines.append(f"{key} = {_toml_value(value)}")
     for name, table in tables:
@@ -231,3 +298,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+__all__ = ["ConfigError", "DataSettings", "DataSpec", "EvalSettings", "LoraSettings", "TrainConfig", "TrainSettings",
+           "data_specs", "default_config", "fingerprint", "load_config", "replace", "to_toml"]

@@ -18,13 +18,14 @@ import io
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bot.errors import DataError
 from bot.skills import SentimentFormat
+from training.dataspec import DataSpec, as_spec
 
 TEXT_SEPARATOR = "<|endoftext|>"
 _TAG = re.compile(r"^(?P<prefix>[BI])-(?P<type>\S+)$")
@@ -388,32 +389,32 @@ def in_holdout(key: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def select(examples: list[Example], spec: dict[str, Any], seed: int) -> list[Example]:
+def select(examples: list[Example], spec: DataSpec | Mapping[str, Any], seed: int) -> list[Example]:
     """Apply a data spec's options: holdout part, min_words, skip, then a seeded (optionally balanced) subsample.
 
     ``skip = N`` leaves out exactly the examples that ``limit = N`` (same file, seed and options) selects, so
     a run can continue an earlier one (``train.init_adapter``) on examples the earlier one never saw.
+    A plain mapping is checked as a recipe's table is.
     """
-    holdout = float(spec.get("holdout", 0))
-    if holdout:
-        want = spec.get("part", "train") == "holdout"
-        examples = [ex for ex in examples if in_holdout(ex.key, holdout) == want]
-    if spec.get("min_words"):
-        examples = [ex for ex in examples if len(ex.key.split()) >= spec["min_words"]]
-    rng = random.Random(f"{seed}:{spec['path']}")
-    skip = int(spec.get("skip", 0))
-    if skip:
-        seen = set(_sample(examples, skip, spec, rng))
+    spec = as_spec(spec)
+    if spec.holdout:
+        want = spec.part == "holdout"
+        examples = [ex for ex in examples if in_holdout(ex.key, float(spec.holdout)) == want]
+    if spec.min_words:
+        examples = [ex for ex in examples if len(ex.key.split()) >= spec.min_words]
+    rng = random.Random(f"{seed}:{spec.path}")
+    if spec.skip:
+        seen = set(_sample(examples, spec.skip, spec.balance, rng))
         examples = [ex for i, ex in enumerate(examples) if i not in seen]
-        rng = random.Random(f"{seed}:{spec['path']}:skip{skip}")
-    return [examples[i] for i in sorted(_sample(examples, int(spec.get("limit", 0)), spec, rng))]
+        rng = random.Random(f"{seed}:{spec.path}:skip{spec.skip}")
+    return [examples[i] for i in sorted(_sample(examples, spec.limit, spec.balance, rng))]
 
 
-def _sample(examples: list[Example], limit: int, spec: dict[str, Any], rng: random.Random) -> list[int]:
+def _sample(examples: list[Example], limit: int, balance: bool, rng: random.Random) -> list[int]:
     """Indices of a seeded subsample of ``limit`` examples (all when limit is 0 or too large)."""
     if not limit or limit >= len(examples):
         return list(range(len(examples)))
-    if spec.get("balance") and all(isinstance(ex, SentimentExample) for ex in examples):
+    if balance and all(isinstance(ex, SentimentExample) for ex in examples):
         by_label: dict[str, list[int]] = {}
         for i, ex in enumerate(examples):
             by_label.setdefault(ex.label, []).append(i)  # type: ignore[union-attr]
@@ -428,10 +429,11 @@ def _sample(examples: list[Example], limit: int, spec: dict[str, Any], rng: rand
     return rng.sample(range(len(examples)), limit)
 
 
-def load(task: str, spec: dict[str, Any], labels: tuple[str, ...], seed: int) -> list[Example]:
-    """Read and select one data spec; an empty selection is an error."""
-    path = Path(spec["path"])
+def load(task: str, spec: DataSpec | Mapping[str, Any], labels: tuple[str, ...], seed: int) -> list[Example]:
+    """Read and select one data spec (a DataSpec, or a mapping as a recipe's table); nothing selected is an error."""
+    spec = as_spec(spec)
+    path = Path(spec.path)
     examples = select(read_examples(task, path, labels), spec, seed)
     if not examples:
-        raise DataError(str(path), None, f"no examples left after selecting {spec}")
+        raise DataError(str(path), None, f"no examples left after selecting {spec.as_table()}")
     return examples

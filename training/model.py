@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bot.adapters import AdapterInfo
+from bot.engine.loading import BaseModelRef, load_model, resolve_base
 from bot.errors import AdapterError
-from bot.models import BaseModelRef, load_model, resolve_base
 from training.batching import IGNORE
+from training.config import LoraSettings
 
 
 def load_base(spec: str, *, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any, BaseModelRef]:
@@ -24,21 +25,21 @@ def load_base(spec: str, *, dtype: str = "float32", device: str = "cpu") -> tupl
     return model, tok, ref
 
 
-def add_lora(model: Any, lora: dict[str, Any]) -> Any:
+def add_lora(model: Any, lora: LoraSettings) -> Any:
     """Plain LoRA on the named linear layers (no modules_to_save: loadable by PEFT, vLLM and LoRAX)."""
     from peft import LoraConfig, get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
-    missing = sorted(set(lora["target_modules"]) - present)
+    missing = sorted(set(lora.target_modules) - present)
     if missing:
         raise AdapterError(f"lora.target_modules {missing} are not linear layers of this model "
                            f"(it has: {', '.join(sorted(present))})")
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=list(lora["target_modules"]), bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
-def init_from_adapter(peft_model: Any, folder: Path, *, task: str, lora: dict[str, Any],
+def init_from_adapter(peft_model: Any, folder: Path, *, task: str, lora: LoraSettings,
                       base_shape: str) -> AdapterInfo:
     """Start from an existing adapter's LoRA weights (continued fine-tuning) instead of a fresh LoRA.
 
@@ -58,9 +59,9 @@ def init_from_adapter(peft_model: Any, folder: Path, *, task: str, lora: dict[st
         raise AdapterError(f"{where}: {exc}") from None
     peft_config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
     mismatched = [f"{name} {theirs!r} (this run: {ours!r})" for name, theirs, ours in (
-        ("task", info.task, task), ("lora.r", info.rank, lora["r"]),
-        ("lora.alpha", peft_config.get("lora_alpha"), lora["alpha"]),
-        ("lora.target_modules", sorted(info.target_modules), sorted(lora["target_modules"])),
+        ("task", info.task, task), ("lora.r", info.rank, lora.r),
+        ("lora.alpha", peft_config.get("lora_alpha"), lora.alpha),
+        ("lora.target_modules", sorted(info.target_modules), sorted(lora.target_modules)),
     ) if theirs != ours]
     if mismatched:
         raise AdapterError(f"{where} does not match this run: {'; '.join(mismatched)}")

@@ -12,50 +12,51 @@ from typing import Any
 from bot.errors import DataError
 from bot.skills import NERFormat, SentimentFormat
 from training import data as D
-from training.config import data_specs
+from training.config import TrainConfig
+from training.dataspec import DataSpec
 
 
-def _read(config: dict[str, Any], labels: tuple[str, ...]) -> tuple[list[D.Example], dict[str, list[D.Example]],
-                                                                    list[dict[str, Any]]]:
+def _read(config: TrainConfig, labels: tuple[str, ...]) -> tuple[list[D.Example], dict[str, list[D.Example]],
+                                                                 list[dict[str, Any]]]:
     """Training examples (all specs joined), dev sets by name, and a description of each file for the card."""
-    task, seed = config["task"], config["seed"]
-    train_specs = data_specs(config["data"]["train"], "data.train")
+    task, seed = config.task, config.seed
+    train_specs = config.data.train
     if not train_specs:
         raise DataError("data.train", None, "no training data: pass --data FILE or set data.train in the recipe")
     train, info = [], []
     for spec in train_specs:
         examples = D.load(task, spec, labels, seed)
         train += examples
-        info.append({"path": spec["path"], "part": _part(spec), "examples": len(examples), "split": "train"})
+        info.append({"path": spec.path, "part": _part(spec), "examples": len(examples), "split": "train"})
     dev: dict[str, list[D.Example]] = {}
-    for spec in data_specs(config["data"]["dev"], "data.dev"):
+    for spec in config.data.dev:
         examples = D.load(task, spec, labels, seed)
-        name = Path(spec["path"]).stem + ("-holdout" if spec.get("part") == "holdout" else "")
+        name = Path(spec.path).stem + ("-holdout" if spec.part == "holdout" else "")
         while name in dev:
             name += "+"
         dev[name] = examples
-        info.append({"path": spec["path"], "part": f"dev: {_part(spec)}", "examples": len(examples), "split": "dev"})
+        info.append({"path": spec.path, "part": f"dev: {_part(spec)}", "examples": len(examples), "split": "dev"})
     return train, dev, info
 
 
-def _part(spec: dict[str, Any]) -> str:
+def _part(spec: DataSpec) -> str:
     bits = []
-    if spec.get("holdout"):
-        bits.append(f"{spec.get('part', 'train')} side of a {spec['holdout']:.0%} group holdout")
-    if spec.get("min_words"):
-        bits.append(f">= {spec['min_words']} words")
-    if spec.get("limit"):
-        bits.append(f"{'label-balanced ' if spec.get('balance') else ''}sample of {spec['limit']}")
+    if spec.holdout:
+        bits.append(f"{spec.part} side of a {spec.holdout:.0%} group holdout")
+    if spec.min_words:
+        bits.append(f">= {spec.min_words} words")
+    if spec.limit:
+        bits.append(f"{'label-balanced ' if spec.balance else ''}sample of {spec.limit}")
     return ", ".join(bits) or "all"
 
 
-def _run(config: dict[str, Any], out: Path, labels: tuple[str, ...], resume: bool) -> Path:
+def _run(config: TrainConfig, out: Path, labels: tuple[str, ...], resume: bool) -> Path:
     from training.output import check_name
     from training.trainer import train
 
     check_name(out)  # before reading data or loading the model
     examples, dev, info = _read(config, labels)
-    if config["task"] == "ner" and not labels:
+    if config.task == "ner" and not labels:
         # Entity types as found in the training data, in the bot's usual order first.
         found = {t for ex in examples for _, t in ex.entities()}  # type: ignore[union-attr]
         labels = tuple(t for t in NERFormat.default_labels if t in found) + tuple(sorted(found -
@@ -63,32 +64,32 @@ def _run(config: dict[str, Any], out: Path, labels: tuple[str, ...], resume: boo
     return train(config, out, examples, dev, labels=labels, resume=resume, data_info=info)
 
 
-def sentiment(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+def sentiment(config: TrainConfig, out: Path, *, resume: bool = False) -> Path:
     """Classifier over ``labels`` (default negative/neutral/positive), trained on the label-token logits."""
-    return _run(config, out, tuple(config["labels"]) or SentimentFormat.default_labels, resume)
+    return _run(config, out, config.labels or SentimentFormat.default_labels, resume)
 
 
-def ner(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+def ner(config: TrainConfig, out: Path, *, resume: bool = False) -> Path:
     """Generative NER (``entity (TYPE); ...``); entity types from ``labels`` or the training data."""
-    return _run(config, out, tuple(config["labels"]), resume)
+    return _run(config, out, config.labels, resume)
 
 
-def qa(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+def qa(config: TrainConfig, out: Path, *, resume: bool = False) -> Path:
     """Short answers to questions about a context (SQuAD style)."""
     return _run(config, out, (), resume)
 
 
-def story(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+def story(config: TrainConfig, out: Path, *, resume: bool = False) -> Path:
     """Stories from a title/theme (or none); the whole story is the target."""
     return _run(config, out, (), resume)
 
 
-def domain(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+def domain(config: TrainConfig, out: Path, *, resume: bool = False) -> Path:
     """Continued pre-training on raw text (causal-LM loss on every token)."""
     return _run(config, out, (), resume)
 
 
-def chat(config: dict[str, Any], out: Path, *, resume: bool = False) -> Path:
+def chat(config: TrainConfig, out: Path, *, resume: bool = False) -> Path:
     """Conversations through the chat template; loss on the assistant turns only."""
     return _run(config, out, (), resume)
 
@@ -107,9 +108,9 @@ def evaluate_adapter(task: str, data: Path, *, adapter: Path | None, base: str =
 
     import torch
 
-    from bot.adapters import validate_adapter
+    from bot.adapters import shape_signature, validate_adapter
+    from bot.engine.loading import resolve_base
     from bot.errors import AdapterError
-    from bot.models import resolve_base, shape_signature
     from training.evaluate import evaluate
     from training.model import load_adapter, load_base
 
@@ -125,9 +126,7 @@ def evaluate_adapter(task: str, data: Path, *, adapter: Path | None, base: str =
         if info.task != task:
             raise AdapterError(f"{adapter} is a {info.task} adapter, not {task}")
         labels = info.labels
-    spec: dict[str, Any] = {"path": str(data)}
-    if holdout:
-        spec.update(holdout=holdout, part="holdout")
+    spec = DataSpec(str(data), holdout=holdout, part="holdout") if holdout else DataSpec(str(data))
     read_labels = labels or (SentimentFormat.default_labels if task == "sentiment" else ())
     examples = D.load(task, spec, read_labels, seed=0)
     examples = examples[:limit] if limit else examples

@@ -22,13 +22,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bot.adapters import MANIFEST, AdapterInfo, manifest_dict
+from bot.adapters import MANIFEST, AdapterInfo, manifest_dict, shape_signature
 from bot.errors import ConfigError
-from bot.models import shape_signature
 from training import checkpoint
 from training.batching import Encoded, collate, encode, label_token_ids, length_grouped_batches, micro_batches, shard
 from training.card import plot_curves, write_card
-from training.config import fingerprint, to_toml
+from training.config import TrainConfig, TrainSettings, fingerprint, to_toml
 from training.data import Example
 from training.evaluate import PRIMARY, evaluate, higher_is_better
 from training.export import write_jsonl
@@ -58,7 +57,7 @@ class State:
 
 @dataclass
 class Run:
-    config: dict[str, Any]
+    config: TrainConfig
     accelerator: Any
     model: Any            # the prepared LossModel (DDP-wrapped when data-parallel)
     optimizer: Any
@@ -78,9 +77,9 @@ class Run:
 
 def fit(run: Run) -> None:
     """The training loop: shard each global batch, accumulate micro-batches, step, log, evaluate, checkpoint."""
-    acc, cfg, st = run.accelerator, run.config["train"], run.state
+    acc, cfg, st = run.accelerator, run.config.train, run.state
     lengths = [len(e.ids) for e in run.encoded]
-    bar = tqdm(total=len(run.plan), initial=st.step, desc=f"train {run.config['task']}", unit="step",
+    bar = tqdm(total=len(run.plan), initial=st.step, desc=f"train {run.config.task}", unit="step",
                disable=not acc.is_main_process, dynamic_ncols=True)
     run.model.train()
     while st.step < len(run.plan):
@@ -91,7 +90,7 @@ def fit(run: Run) -> None:
         # Summed loss x processes / global count: DDP's gradient averaging then yields the global mean.
         # A process with no examples (a last batch smaller than the world) still joins with weight 0.
         scale = acc.num_processes / n_terms if mine else 0.0
-        micro = micro_batches(mine or batch[:1], lengths, cfg["micro_batch_tokens"])
+        micro = micro_batches(mine or batch[:1], lengths, cfg.micro_batch_tokens)
         loss_sum = torch.zeros((), device=acc.device)
         for k, ids in enumerate(micro):
             with nullcontext() if k == len(micro) - 1 else acc.no_sync(run.model):  # sync once per step
@@ -99,8 +98,8 @@ def fit(run: Run) -> None:
                 loss, _ = run.model(**{name: t.to(acc.device) for name, t in inputs.items()})
                 acc.backward(loss * scale)
             loss_sum += loss.detach() * (1.0 if mine else 0.0)
-        if cfg["max_grad_norm"]:
-            acc.clip_grad_norm_(run.model.parameters(), cfg["max_grad_norm"])
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -109,17 +108,17 @@ def fit(run: Run) -> None:
         st.losses.append([st.step, step_loss])
         st.tokens += sum(lengths[i] for i in batch)
         st.train_s += time.perf_counter() - started
-        if cfg["trace"]:
+        if cfg.trace:
             with (run.run_dir / f"trace-rank{acc.process_index}.jsonl").open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": st.step, "examples": mine, "loss": step_loss}) + "\n")
         bar.update(1)
-        if st.step % max(cfg["log_every"], 1) == 0 or st.step == len(run.plan):
-            recent = [v for _, v in st.losses[-cfg["log_every"] or -1:]]
+        if st.step % max(cfg.log_every, 1) == 0 or st.step == len(run.plan):
+            recent = [v for _, v in st.losses[-cfg.log_every or -1:]]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
                             tok_s=f"{st.tokens / max(st.train_s, 1e-9):.0f}")
-        if cfg["eval_every"] and st.step % cfg["eval_every"] == 0 and st.step < len(run.plan):
+        if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < len(run.plan):
             periodic_eval(run)
-        if cfg["checkpoint_every"] and st.step % cfg["checkpoint_every"] == 0 and st.step < len(run.plan):
+        if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < len(run.plan):
             save_checkpoint(run)
     bar.close()
 
@@ -135,14 +134,14 @@ def evaluate_dev(run: Run, limit: int, *, base: bool = False, final: bool = Fals
     """
     acc, scores = run.accelerator, {}
     if acc.is_main_process:
-        peft, ev = run.peft, run.config["eval"]
+        peft, ev = run.peft, run.config.eval
         with peft.disable_adapter() if base else nullcontext():
             for name, examples in run.dev.items():
                 subset = examples[:limit] if limit else examples
                 records: list[dict[str, Any]] | None = [] if final else None  # periodic ones are not kept
-                scores[name] = evaluate(run.config["task"], peft, run.tok, subset, labels=run.labels,
-                                        batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"],
-                                        max_length=run.config["train"]["max_length"], predictions=records)
+                scores[name] = evaluate(run.config.task, peft, run.tok, subset, labels=run.labels,
+                                        batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                                        max_length=run.config.train.max_length, predictions=records)
                 if records:
                     write_jsonl(run.run_dir / f"predictions-{'base-' if base else ''}{name}.jsonl", records)
         run.model.train()
@@ -153,7 +152,7 @@ def evaluate_dev(run: Run, limit: int, *, base: bool = False, final: bool = Fals
 def record_eval(run: Run, scores: dict[str, dict[str, Any]]) -> None:
     if not scores:
         return
-    metric = PRIMARY[run.config["task"]]
+    metric = PRIMARY[run.config.task]
     run.state.evals.append({"step": run.state.step, "scores": {k: v[metric] for k, v in scores.items()}})
     summary = ", ".join(f"{k} {metric} {v[metric]:.2f}" for k, v in scores.items())
     tqdm.write(f"step {run.state.step}: {summary}")
@@ -165,19 +164,20 @@ def periodic_eval(run: Run) -> None:
     The selection score is the primary metric on the dev set named by ``train.best_of``, or by default
     its mean over the dev sets (so an adapter with two targets is not chosen for one of them alone).
     """
-    scores = evaluate_dev(run, run.config["eval"]["limit"])
+    scores = evaluate_dev(run, run.config.eval.limit)
     record_eval(run, scores)
-    if not run.config["train"]["keep_best"] or not run.accelerator.is_main_process:
+    best_of = run.config.train.best_of
+    if not run.config.train.keep_best or not run.accelerator.is_main_process:
         return
-    metric, st = PRIMARY[run.config["task"]], run.state
-    judged = [scores[run.config["train"]["best_of"]]] if run.config["train"]["best_of"] else list(scores.values())
+    metric, st = PRIMARY[run.config.task], run.state
+    judged = [scores[best_of]] if best_of else list(scores.values())
     value = sum(v[metric] for v in judged) / len(judged)
-    if st.best is None or (value > st.best["score"] if higher_is_better(run.config["task"])
+    if st.best is None or (value > st.best["score"] if higher_is_better(run.config.task)
                            else value < st.best["score"]):
         checkpoint.save_best(run.run_dir, trainable_state(run.accelerator.unwrap_model(run.model)))
         st.best = {"step": st.step, "score": value}
         tqdm.write(f"step {st.step}: best so far ({metric} {value:.2f} on "
-                   f"{run.config['train']['best_of'] or 'the dev sets, averaged'})")
+                   f"{best_of or 'the dev sets, averaged'})")
 
 
 def restore_best(run: Run) -> None:
@@ -209,7 +209,7 @@ def save_checkpoint(run: Run) -> None:
     acc.wait_for_everyone()
 
 
-def restore(run_dir: Path, config: dict[str, Any], loss_model: LossModel, optimizer: Any, scheduler: Any,
+def restore(run_dir: Path, config: TrainConfig, loss_model: LossModel, optimizer: Any, scheduler: Any,
             rank: int) -> State:
     """Load the newest checkpoint into the (not yet prepared) model, optimizer and scheduler."""
     found = checkpoint.find(run_dir)
@@ -242,56 +242,56 @@ def _schedule(total: int, warmup: int, min_ratio: float) -> Any:
     return factor
 
 
-def _threads(cfg: dict[str, Any], processes: int) -> int:
-    if cfg["threads"]:
-        return cfg["threads"]
+def _threads(cfg: TrainSettings, processes: int) -> int:
+    if cfg.threads:
+        return cfg.threads
     # One process gets torch's default (all cores); data-parallel processes split the cores.
     return max(1, (os.cpu_count() or 1) // processes) if processes > 1 else torch.get_num_threads()
 
 
-def train(config: dict[str, Any], out: Path, train_examples: list[Example], dev: dict[str, list[Example]], *,
+def train(config: TrainConfig, out: Path, train_examples: list[Example], dev: dict[str, list[Example]], *,
           labels: tuple[str, ...] = (), resume: bool = False, data_info: list[dict[str, Any]] | None = None) -> Path:
-    """Train an adapter for ``config['task']`` and write it to ``out`` (atomically); returns ``out``."""
+    """Train an adapter for ``config.task`` and write it to ``out`` (atomically); returns ``out``."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # PEFT calls a transformers property that is deprecated in transformers 5; harmless here.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-    task, cfg = config["task"], config["train"]
+    task, cfg = config.task, config.train
     name = check_name(out)
     cuda = torch.cuda.is_available()
-    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else "float32"
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and cfg["dtype"] == "auto" else "no")
+    dtype = cfg.dtype if cfg.dtype != "auto" else "float32"
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and cfg.dtype == "auto" else "no")
     torch.set_num_threads(_threads(cfg, acc.num_processes))
-    set_seed(config["seed"])
-    run_dir = Path(cfg["run_dir"] or Path("runs") / name)
+    set_seed(config.seed)
+    run_dir = Path(cfg.run_dir or Path("runs") / name)
     if checkpoint.find(run_dir) and not resume:
         raise ConfigError(str(run_dir), ["holds a checkpoint of an earlier run: pass --resume to continue it, "
                                          "or delete the folder to start again"])
-    if cfg["keep_best"] and not dev:
+    if cfg.keep_best and not dev:
         raise ConfigError("train.keep_best", ["needs dev data to choose by (--dev or data.dev)"])
-    if cfg["best_of"] and cfg["best_of"] not in dev:
-        raise ConfigError("train.best_of", [f"no dev set named {cfg['best_of']!r} (the dev sets: "
+    if cfg.best_of and cfg.best_of not in dev:
+        raise ConfigError("train.best_of", [f"no dev set named {cfg.best_of!r} (the dev sets: "
                                             f"{', '.join(dev) or 'none'})"])
 
-    base, tok, ref = load_base(config["base"], dtype=dtype, device=str(acc.device))
-    encoded, skipped = encode(task, train_examples, tok, max_length=cfg["max_length"], labels=labels)
+    base, tok, ref = load_base(config.base, dtype=dtype, device=str(acc.device))
+    encoded, skipped = encode(task, train_examples, tok, max_length=cfg.max_length, labels=labels)
     if not encoded:
         raise ConfigError("train.max_length", [f"all {len(train_examples)} training examples are longer than "
-                                               f"{cfg['max_length']} tokens"])
-    peft = add_lora(base, config["lora"])
-    init = (init_from_adapter(peft, Path(cfg["init_adapter"]), task=task, lora=config["lora"],
-                              base_shape=shape_signature(base.config)) if cfg["init_adapter"] else None)
+                                               f"{cfg.max_length} tokens"])
+    peft = add_lora(base, config.lora)
+    init = (init_from_adapter(peft, Path(cfg.init_adapter), task=task, lora=config.lora,
+                              base_shape=shape_signature(base.config)) if cfg.init_adapter else None)
     loss_model = LossModel(peft, label_token_ids(tok, labels) if task == "sentiment" else ())
     params = [p for p in loss_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lengths = [len(e.ids) for e in encoded]
-    plan = [b for epoch in range(cfg["epochs"]) for b in length_grouped_batches(lengths, cfg["batch_size"],
-                                                                               config["seed"], epoch)]
-    plan = plan[: cfg["max_steps"]] if cfg["max_steps"] else plan
+    plan = [b for epoch in range(cfg.epochs) for b in length_grouped_batches(lengths, cfg.batch_size,
+                                                                             config.seed, epoch)]
+    plan = plan[: cfg.max_steps] if cfg.max_steps else plan
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(len(plan), round(cfg["warmup"] * len(plan)), cfg["min_lr_ratio"]))
+        optimizer, _schedule(len(plan), round(cfg.warmup * len(plan)), cfg.min_lr_ratio))
     state = restore(run_dir, config, loss_model, optimizer, scheduler, acc.process_index) if resume else State()
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -305,14 +305,14 @@ def train(config: dict[str, Any], out: Path, train_examples: list[Example], dev:
 
     fit(run)
 
-    if cfg["checkpoint_every"]:
+    if cfg.checkpoint_every:
         save_checkpoint(run)  # the weights are safe even if the final evaluation fails
-    if cfg["keep_best"]:
+    if cfg.keep_best:
         restore_best(run)
-    scores = evaluate_dev(run, config["eval"]["final_limit"], final=True)
+    scores = evaluate_dev(run, config.eval.final_limit, final=True)
     record_eval(run, scores)
-    base_scores = (evaluate_dev(run, config["eval"]["final_limit"], base=True, final=True)
-                   if config["eval"]["base"] else {})
+    base_scores = (evaluate_dev(run, config.eval.final_limit, base=True, final=True)
+                   if config.eval.base else {})
     if acc.is_main_process:
         train_info = _train_info(run, len(train_examples), skipped, dtype, init)
         metrics = {"task": task, "primary": PRIMARY[task], "dev": scores, "base": base_scores, "train": train_info,
@@ -322,7 +322,7 @@ def train(config: dict[str, Any], out: Path, train_examples: list[Example], dev:
             save_adapter(run.peft, folder, base_name=ref.name)
             manifest = manifest_dict(
                 name=name, task=task, labels=list(labels), base_model=ref.name,
-                base_shape=shape_signature(base.config), description=config["description"],
+                base_shape=shape_signature(base.config), description=config.description,
                 extra={"dev_scores": {k: v[PRIMARY[task]] for k, v in scores.items()}})
             (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             (folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
@@ -347,7 +347,7 @@ def _train_info(run: Run, n_examples: int, skipped: int, dtype: str, init: Adapt
     st, acc = run.state, run.accelerator
     return {
         "examples": len(run.encoded), "read": n_examples, "skipped": skipped, "steps": len(run.plan),
-        "epochs": run.config["train"]["epochs"], "tokens": sum(len(e.ids) for e in run.encoded),
+        "epochs": run.config.train.epochs, "tokens": sum(len(e.ids) for e in run.encoded),
         "tokens_seen": st.tokens, "time_s": st.train_s, "tokens_per_s": st.tokens / max(st.train_s, 1e-9),
         "final_loss": st.losses[-1][1] if st.losses else None, "processes": acc.num_processes,
         "kept_step": st.best["step"] if st.best else len(run.plan),

@@ -37,7 +37,6 @@ from bot.config import Config
 from bot.core import COMMANDS, Core
 from bot.errors import LorabotError
 from bot.messages import Incoming
-from bot.text import split_message, utf16_len
 from bot.transports.common import (
     TEXT_FILE_LIMIT,
     ChatLocks,
@@ -48,6 +47,7 @@ from bot.transports.common import (
     unregister_secret,
 )
 from bot.transports.outbox import Outbox, typing_indicator
+from bot.transports.split import split_message, utf16_len
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from bot.access import Access
 from bot.app import open_app
 from bot.config import AccessConfig, Config, replace
-from bot.console import console_chat
 from bot.engine import Generation, SamplingParams, TextSink
 from bot.messages import Incoming
+from bot.transports.console import console_chat
 from tests.fakes import FakeEngine
 
 HOSTILE = " \x1b[2J\x1b[31mred\x1b[0m\x07 bell \u202eevil\r\n"

@@ -154,7 +154,7 @@ def real_config(tiny_base: Path, tiny_adapters: Path) -> Config:
 
 
 async def _engine(config: Config):  # type: ignore[no-untyped-def]
-    from bot.engine_local import LocalEngine
+    from bot.engine.scheduler import LocalEngine
 
     return await asyncio.to_thread(LocalEngine.from_config, config, progress=False)
 
@@ -169,14 +169,23 @@ async def test_real_engine_failure_inside_a_batch_fails_only_that_request(
 ) -> None:
     engine = await _engine(real_config)
     try:
-        real = engine._forward_last
+        backend = engine._backend
+        real_prefill, real_score = backend.prefill, backend.score
 
-        def flaky(jobs, cache=None):  # type: ignore[no-untyped-def]
-            if any("KABOOM" in engine._tok.decode(j.prompt_ids) for j in jobs):
+        def poisoned(prompts) -> None:  # type: ignore[no-untyped-def]
+            if any("KABOOM" in engine._tok.decode(p) for p in prompts):
                 raise RuntimeError("injected: CUDA error: device-side assert triggered")
-            return real(jobs, cache)
 
-        monkeypatch.setattr(engine, "_forward_last", flaky)
+        def prefill(batch, prompts, adapters):  # type: ignore[no-untyped-def]
+            poisoned(prompts)
+            return real_prefill(batch, prompts, adapters)
+
+        def score(prompts, adapters, ids):  # type: ignore[no-untyped-def]
+            poisoned(prompts)
+            return real_score(prompts, adapters, ids)
+
+        monkeypatch.setattr(backend, "prefill", prefill)
+        monkeypatch.setattr(backend, "score", score)
         core = Core(real_config, engine, mem_store)
         texts = ["/sentiment a good day", "/sentiment KABOOM day", "/ner Alice met Bob", "/ner KABOOM Carol",
                  "/ask who? | Alice was here", "/story a brave mouse"]

@@ -219,7 +219,7 @@ def test_real_engine_loads_the_good_adapter_and_reports_every_bad_one(tmp_path: 
     import asyncio
 
     from bot.config import Config, replace
-    from bot.engine_local import LocalEngine
+    from bot.engine.scheduler import LocalEngine
 
     marker = tmp_path / "unpickled"
     root = tmp_path / "adapters"

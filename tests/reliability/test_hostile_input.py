@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from bot.config import Config, replace
 from bot.core import Core
 from bot.messages import Incoming, Reply, Sentiment
+from bot.sanitize import clean_input
 from bot.skills import SentimentFormat
 from bot.store import AsyncStore, Store
-from bot.text import clean_input
 from tests.fakes import FakeEngine
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None,

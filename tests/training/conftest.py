@@ -10,6 +10,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tok(bundled_dir: Path) -> Any:
-    from bot.models import load_tokenizer
+    from bot.engine.loading import load_tokenizer
 
     return load_tokenizer(bundled_dir)

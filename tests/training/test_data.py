@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.errors import DataError
+from bot.errors import ConfigError, DataError
 from training import data as D
+from training.dataspec import DataSpec
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -177,21 +178,21 @@ def test_chat_reader(tmp_path: Path) -> None:
 
 def test_holdout_split_is_by_group_and_deterministic() -> None:
     examples = [D.QAExample(context=f"context {i // 3}", question=f"q{i}", answers=("x",)) for i in range(600)]
-    train = D.select(examples, {"path": "p", "holdout": 0.2, "part": "train"}, seed=1)
-    held = D.select(examples, {"path": "p", "holdout": 0.2, "part": "holdout"}, seed=2)
+    train = D.select(examples, DataSpec("p", holdout=0.2, part="train"), seed=1)
+    held = D.select(examples, DataSpec("p", holdout=0.2, part="holdout"), seed=2)
     assert len(train) + len(held) == 600 and 60 < len(held) < 180
     assert not {e.context for e in train} & {e.context for e in held}
-    assert held == D.select(examples, {"path": "p", "holdout": 0.2, "part": "holdout"}, seed=3)
+    assert held == D.select(examples, DataSpec("p", holdout=0.2, part="holdout"), seed=3)
 
 
 def test_limit_min_words_and_balance() -> None:
     examples = [D.SentimentExample(f"w {'x ' * (i % 8)}", ["negative", "positive", "neutral"][i % 3 if i < 30 else 1])
                 for i in range(300)]
-    picked = D.select(examples, {"path": "p", "limit": 50}, seed=1)
-    assert len(picked) == 50 and picked == D.select(examples, {"path": "p", "limit": 50}, seed=1)
-    assert picked != D.select(examples, {"path": "p", "limit": 50}, seed=2)
-    assert all(len(e.text.split()) >= 5 for e in D.select(examples, {"path": "p", "min_words": 5}, seed=1))
-    balanced = D.select(examples, {"path": "p", "limit": 60, "balance": True}, seed=1)
+    picked = D.select(examples, DataSpec("p", limit=50), seed=1)
+    assert len(picked) == 50 and picked == D.select(examples, DataSpec("p", limit=50), seed=1)
+    assert picked != D.select(examples, DataSpec("p", limit=50), seed=2)
+    assert all(len(e.text.split()) >= 5 for e in D.select(examples, DataSpec("p", min_words=5), seed=1))
+    balanced = D.select(examples, DataSpec("p", limit=60, balance=True), seed=1)
     counts = {label: sum(e.label == label for e in balanced) for label in ("negative", "neutral", "positive")}
     # Equal shares where possible; the scarce labels' remainder goes to the others.
     assert counts == {"negative": 10, "neutral": 10, "positive": 40}
@@ -200,10 +201,17 @@ def test_limit_min_words_and_balance() -> None:
 @pytest.mark.parametrize("balance", [False, True])
 def test_skip_leaves_out_exactly_what_the_same_limit_took(balance: bool) -> None:
     examples = [D.SentimentExample(f"text {i}", ["negative", "positive", "neutral"][i % 3]) for i in range(300)]
-    first = D.select(examples, {"path": "p", "limit": 120, "balance": balance}, seed=7)
-    rest = D.select(examples, {"path": "p", "skip": 120, "balance": balance}, seed=7)
+    first = D.select(examples, DataSpec("p", limit=120, balance=balance), seed=7)
+    rest = D.select(examples, DataSpec("p", skip=120, balance=balance), seed=7)
     assert len(rest) == 180 and not {e.text for e in first} & {e.text for e in rest}
-    more = D.select(examples, {"path": "p", "skip": 120, "limit": 50, "balance": balance}, seed=7)
+    more = D.select(examples, DataSpec("p", skip=120, limit=50, balance=balance), seed=7)
     assert len(more) == 50 and {e.text for e in more} <= {e.text for e in rest}
     # Without skip the selection is unchanged by the option's existence (recipes keep their data).
-    assert first == D.select(examples, {"path": "p", "limit": 120, "balance": balance, "skip": 0}, seed=7)
+    assert first == D.select(examples, DataSpec("p", limit=120, balance=balance, skip=0), seed=7)
+
+
+def test_a_plain_mapping_is_a_spec_checked_as_a_recipe_table() -> None:
+    examples = [D.SentimentExample(f"text {i}", "positive") for i in range(50)]
+    assert D.select(examples, {"path": "p", "limit": 7}, seed=3) == D.select(examples, DataSpec("p", limit=7), seed=3)
+    with pytest.raises(ConfigError, match=r"limit: expected int, got '7'"):
+        D.select(examples, {"path": "p", "limit": "7"}, seed=3)

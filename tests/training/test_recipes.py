@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import shared_data
-from training.config import data_specs, load_config
+from training.config import load_config
 from training.recipes import make_all
 
 RECIPES = Path(make_all.__file__).parent
@@ -16,20 +17,20 @@ RECIPES = Path(make_all.__file__).parent
 @pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first", "qa_second"])
 def test_recipe_resolves(name: str) -> None:
     config = load_config(RECIPES / f"{name}.toml")
-    assert config["task"] == name.split("_")[0]
-    specs = data_specs(config["data"]["train"], "train") + data_specs(config["data"]["dev"], "dev")
-    assert specs and all(s["path"].startswith("../shared/data/") for s in specs)
+    assert config.task == name.split("_")[0]
+    specs = config.data.train + config.data.dev
+    assert specs and all(s.path.startswith("../shared/data/") for s in specs)
 
 
 def test_qa_recipe_holds_out_disjoint_paragraphs() -> None:
     from training.data import load
 
     config = load_config(RECIPES / "qa.toml")
-    (train_spec,), (dev_spec,) = config["data"]["train"], config["data"]["dev"]
+    (train_spec,), (dev_spec,) = config.data.train, config.data.dev
     path = shared_data("qa/squad_v1.1_dev_shared.jsonl")
-    whole_train = {k: v for k, v in train_spec.items() if k not in ("limit", "skip")}
-    train = load("qa", dict(whole_train, path=str(path)), (), seed=config["seed"])
-    dev = load("qa", dict(dev_spec, path=str(path)), (), seed=config["seed"])
+    whole_train = replace(train_spec, path=str(path), limit=0, skip=0)
+    train = load("qa", whole_train, (), seed=config.seed)
+    dev = load("qa", replace(dev_spec, path=str(path)), (), seed=config.seed)
     assert not {e.context for e in train} & {e.context for e in dev}
     assert 0.1 < len(dev) / (len(train) + len(dev)) < 0.2
 
@@ -50,8 +51,8 @@ def test_make_all_trains_qa_in_stages(capsys: pytest.CaptureFixture[str], monkey
     assert "qa.toml --out adapters/qa" in third
     # Each stage starts from the one before; stage 2 trains exactly the questions stage 1 left out.
     stage1, stage2, stage3 = (load_config(RECIPES / f"{name}.toml") for name in ("qa_first", "qa_second", "qa"))
-    assert stage2["train"]["init_adapter"] == "runs/adapters/qa_first"
-    assert stage3["train"]["init_adapter"] == "runs/adapters/qa_second"
-    assert stage2["data"]["train"][0]["skip"] == stage1["data"]["train"][0]["limit"]
-    assert stage1["seed"] == stage2["seed"]
-    assert stage1["lora"] == stage2["lora"] == stage3["lora"]
+    assert stage2.train.init_adapter == "runs/adapters/qa_first"
+    assert stage3.train.init_adapter == "runs/adapters/qa_second"
+    assert stage2.data.train[0].skip == stage1.data.train[0].limit
+    assert stage1.seed == stage2.seed
+    assert stage1.lora == stage2.lora == stage3.lora

@@ -14,7 +14,7 @@ from bot.errors import AdapterError
 from training import tasks
 from training import trainer as T
 from training.cli import main
-from training.config import load_config
+from training.config import TrainConfig, load_config, replace
 
 SENTIMENT = [("a fine film", "positive"), ("dull and long", "negative"), ("it is a film", "neutral"),
              ("great fun", "positive"), ("awful acting", "negative"), ("the cast is big", "neutral")]
@@ -40,13 +40,10 @@ def sentiment_file(path: Path, repeat: int = 4) -> Path:
     return write_jsonl(path, [{"text": t, "label": y} for t, y in SENTIMENT * repeat])
 
 
-def config(task: str, base: Path, tmp_path: Path, train: Path, dev: Path | None = None, *sets: str) -> dict[str, Any]:
+def config(task: str, base: Path, tmp_path: Path, train: Path, dev: Path | None = None, *sets: str) -> TrainConfig:
     cfg = load_config(None, [f'base="{base}"', f'train.run_dir="{tmp_path / "runs"}"', "train.batch_size=4",
                              "train.eval_every=0", "train.log_every=1", *sets])
-    cfg["task"] = task
-    cfg["data"]["train"] = [str(train)]
-    cfg["data"]["dev"] = [str(dev)] if dev else []
-    return cfg
+    return replace(cfg, task=task, data={"train": [str(train)], "dev": [str(dev)] if dev else []})
 
 
 def lora_weights(folder: Path) -> dict[str, Any]:
@@ -209,7 +206,7 @@ def test_best_of_judges_by_one_dev_set(tiny_base: Path, tmp_path: Path, monkeypa
 
     def scripted_eval(run: T.Run, limit: int, *, base: bool = False, final: bool = False) -> dict[str, dict[str, Any]]:
         scores = real_eval(run, limit, base=base, final=final)
-        if not base and limit == run.config["eval"]["limit"]:
+        if not base and limit == run.config.eval.limit:
             scores["reviews"]["accuracy"], scores["tweets"]["accuracy"] = script[run.state.step]
         return scores
 
@@ -217,10 +214,10 @@ def test_best_of_judges_by_one_dev_set(tiny_base: Path, tmp_path: Path, monkeypa
     sets = ("train.eval_every=2", "train.keep_best=true", 'train.best_of="reviews"', "eval.base=false",
             "eval.limit=1", "eval.final_limit=0")
     cfg = config("sentiment", tiny_base, tmp_path, data, None, *sets)
-    cfg["data"]["dev"] = [str(d) for d in dev]
+    cfg = replace(cfg, data={"dev": [str(d) for d in dev]})
     out = tasks.sentiment(cfg, tmp_path / "adapters" / "mood")
     assert json.loads((out / "metrics.json").read_text())["train"]["kept_step"] == 4
-    cfg["train"]["best_of"] = "sst"
+    cfg = replace(cfg, train={"best_of": "sst"})
     with pytest.raises(Exception, match=r"no dev set named 'sst'.*reviews, tweets"):
         tasks.sentiment(cfg, tmp_path / "adapters" / "other")
 

@@ -15,7 +15,7 @@ from bot.config import Config, replace
 from bot.core import COMMANDS, Core
 from bot.errors import LorabotError
 from bot.store import AsyncStore
-from bot.text import utf16_len
+from bot.transports.split import utf16_len
 from bot.transports.telegram_chat import TelegramTransport
 from tests.fakes import FakeEngine
 from tests.transports.tg_server import (

@@ -1,4 +1,4 @@
-"""bot.text.split_message: limits, balanced code fences, nothing lost but whitespace at split points."""
+"""bot.transports.split.split_message: limits, balanced code fences, nothing lost but whitespace at split points."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.text import split_message, utf16_len
+from bot.transports.split import split_message, utf16_len
 
 _FENCE_TOKEN = re.compile(r"```(?:py)?")
 

@@ -12,7 +12,7 @@ from typing import TextIO
 
 from bot.core import Core
 from bot.messages import Incoming
-from bot.text import terminal_safe
+from bot.sanitize import terminal_safe
 
 QUIT = {"/quit", "/exit", ":q"}
 

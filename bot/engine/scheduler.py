@@ -6,10 +6,10 @@ merged into the running batch between decode steps, and finished rows leave it, 
 not hold up a short answer. Text deltas stream back to the event loop as they are decoded. The event
 loop never runs model code.
 
-Two backends compute the same greedy tokens:
-* ``"fast"`` (``bot.fast_lora``, the default for Llama-shaped models): fused projections, every adapter
-  applied in one batched LoRA matmul pair per projection group, a slot KV cache written in place;
-* ``"peft"``: transformers + PEFT ``adapter_names`` (``"__base__"`` for the bare model), the reference.
+The model itself sits behind a small backend interface (``bot.engine.backend``): ``"fast"``
+(``backend_fast``: batched multi-adapter LoRA, slot KV cache, the default for Llama-shaped models) or
+``"peft"`` (``backend_peft``: transformers + PEFT ``adapter_names``, the reference). Both compute the same
+greedy tokens. This module knows nothing of either beyond that interface, except which one to build.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import logging
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +27,16 @@ from typing import Any
 
 import torch
 
-from bot.adapters import AdapterInfo, AdapterProblem, scan_adapters
+from bot.adapters import AdapterInfo, AdapterProblem, scan_adapters, shape_signature
 from bot.config import Config
 from bot.engine import Classification, Generation, SamplingParams, TextSink
+from bot.engine.backend import Backend, BatchState
+from bot.engine.light_model import LightModel, LightUnsupported, load_light
+from bot.engine.loading import BaseModelRef, load_model, resolve_base
+from bot.engine.sampling import choose_next_tokens
 from bot.errors import AdapterError, EngineError
-from bot.fast_lora import Columns, FastLlama, unsupported
-from bot.light_model import LightModel, LightUnsupported, load_light
-from bot.models import BaseModelRef, load_model, resolve_base, shape_signature
-from bot.sampling import choose_next_tokens
 
 log = logging.getLogger(__name__)
-
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 @dataclass
@@ -101,49 +98,65 @@ def _resolve(job: _Job | _ControlJob, value: Any = None, error: BaseException | 
         loop.call_soon_threadsafe(settle)
 
 
+def choose_backend(model: Any, backend: str, *, max_context: int, cpu_kernel: bool,
+                   pad_token_id: int | None = None) -> Backend:
+    """The backend for ``model``: "auto" (fast when the model supports it, else peft), "fast" or "peft"."""
+    from bot.engine.backend_fast import FastBackend
+    from bot.engine.fast_llama import unsupported
+
+    if backend not in ("auto", "fast", "peft"):
+        raise EngineError(f"unknown engine backend {backend!r} (auto, fast or peft)")
+    if isinstance(model, LightModel):  # loaded without transformers (light_model): only the fast backend runs it
+        if backend == "peft":
+            raise EngineError("the PEFT backend needs the model loaded by transformers (bot.engine.loading.load_model)")
+        return FastBackend.from_weights(model.config, model.weights, max_context=max_context, cpu_kernel=cpu_kernel)
+    if backend != "peft":
+        reason = unsupported(model)
+        if reason is None:
+            return FastBackend.from_model(model, max_context=max_context, cpu_kernel=cpu_kernel)
+        if backend == "fast":
+            raise EngineError(f"the fast backend cannot run this model: {reason}")
+        log.info("engine: PEFT backend (%s)", reason)
+    from bot.engine.backend_peft import PeftBackend
+
+    return PeftBackend(model, pad_token_id=pad_token_id)
+
+
 class LocalEngine:
-    """``bot.engine.Engine`` implemented in-process with transformers + PEFT."""
+    """``bot.engine.Engine`` implemented in-process over one ``Backend`` and one worker thread."""
 
     def __init__(
         self, model: Any, tokenizer: Any, base: BaseModelRef, adapters_dir: Path | None, *,
-        max_batch: int = 16, batch_wait_ms: int = 5, max_context: int = 2048, backend: str = "auto",
+        max_batch: int = 16, batch_wait_ms: int = 5, max_context: int = 2048, backend: str | Backend = "auto",
         cpu_kernel: bool = True,
     ):
-        """``backend``: "auto" (fast when the model supports it, else peft), "fast" or "peft";
-        ``cpu_kernel``: let the fast backend use its compiled small-batch matmul on x86 CPUs."""
+        """``model``: a transformers or light model (ignored when ``backend`` is a ``Backend`` already);
+        ``backend``: "auto", "fast", "peft" or a ready ``Backend``; ``cpu_kernel``: let the fast backend
+        use its compiled small-batch matmul on x86 CPUs."""
         self.base_model = base.name
         self._base = base
-        self._model = model              # the plain transformers model, or a PeftModel around it
         self._tok = tokenizer
         self._adapters_dir = adapters_dir
         self._adapters: dict[str, AdapterInfo] = {}
         self._loaded_mtimes: dict[str, float] = {}
         self._problems: list[AdapterProblem] = []
-        self._shape = shape_signature(model.config)
+        config = backend.config if isinstance(backend, Backend) else model.config
+        self._shape = shape_signature(config)
         self.max_batch = max_batch
         self.batch_wait = batch_wait_ms / 1000
-        self.max_context = min(max_context, getattr(model.config, "max_position_embeddings", max_context))
-        light = isinstance(model, LightModel)
-        self.device = model.device if light else next(model.parameters()).device
-        self._eos_ids = self._stop_token_ids()
-        self._fast: FastLlama | None = None
-        if backend not in ("auto", "fast", "peft"):
-            raise EngineError(f"unknown engine backend {backend!r} (auto, fast or peft)")
-        if light:  # loaded without transformers (bot.light_model): only the fast backend can run it
-            if backend == "peft":
-                raise EngineError("the PEFT backend needs the model loaded by transformers (bot.models.load_model)")
-            self._fast = FastLlama(model.config, model.weights, max_context=self.max_context, cpu_kernel=cpu_kernel)
-        elif backend != "peft":
-            reason = unsupported(model)
-            if reason is None:
-                self._fast = FastLlama.from_model(model, max_context=self.max_context, cpu_kernel=cpu_kernel)
-            elif backend == "fast":
-                raise EngineError(f"the fast backend cannot run this model: {reason}")
-            else:
-                log.info("engine: PEFT backend (%s)", reason)
-        self.backend = "fast" if self._fast is not None else "peft"
+        self.max_context = min(max_context, getattr(config, "max_position_embeddings", max_context))
+        self._eos_ids = self._stop_token_ids(config)
+        if isinstance(backend, Backend):
+            self._backend = backend
+        else:
+            self._backend = choose_backend(model, backend, max_context=self.max_context, cpu_kernel=cpu_kernel,
+                                           pad_token_id=tokenizer.pad_token_id)
+        self.backend = self._backend.name
         self._queue: queue.Queue[_Job | _ControlJob] = queue.Queue()
         self._closed = False
+        self._dead: str | None = None   # why the worker thread ended, if it ever does
+        self.in_flight = 0              # rows in the running batch (written by the worker only)
+        self.decode_steps = 0           # decode steps run since start
         self._attach_adapters()
         self._thread = threading.Thread(target=self._worker, name="lorabot-engine", daemon=True)
         self._thread.start()
@@ -173,9 +186,9 @@ class LocalEngine:
             backend=config.engine.backend, cpu_kernel=config.engine.cpu_kernel,
         )
 
-    def _stop_token_ids(self) -> set[int]:
+    def _stop_token_ids(self, config: Any) -> set[int]:
         ids = {self._tok.eos_token_id}
-        eos = getattr(self._model.config, "eos_token_id", None)
+        eos = getattr(config, "eos_token_id", None)
         ids.update(eos if isinstance(eos, list) else [eos])
         return {i for i in ids if i is not None}
 
@@ -196,17 +209,14 @@ class LocalEngine:
         for name in list(self._adapters):
             changed = name in found and self._mtime(found[name]) != self._loaded_mtimes.get(name)
             if name not in found or changed:
-                if self._fast is not None:
-                    self._fast.remove_adapter(name)
-                else:
-                    self._model.delete_adapter(name)
+                self._backend.detach(name)
                 del self._adapters[name]
         for name, info in found.items():
             if name in self._adapters:
                 continue
             try:
                 started = time.perf_counter()
-                self._load_adapter(info)
+                self._backend.attach(info)
                 self._adapters[name] = info
                 self._loaded_mtimes[name] = self._mtime(info)
                 log.info("adapter %s (%s) attached in %.1f ms", name, info.task, (time.perf_counter() - started) * 1e3)
@@ -219,26 +229,6 @@ class LocalEngine:
     @staticmethod
     def _mtime(info: AdapterInfo) -> float:
         return max((info.path / f).stat().st_mtime for f in ("adapter_model.safetensors", "adapter_config.json"))
-
-    def _load_adapter(self, info: AdapterInfo) -> None:
-        if self._fast is not None:
-            self._fast.add_adapter(info.name, info.path)
-            return
-        from peft import PeftModel
-
-        with warnings.catch_warnings():
-            # PEFT still calls a transformers helper deprecated in v5; the warning says nothing to users.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            self._attach(info, PeftModel)
-        self._model.eval()
-
-    def _attach(self, info: AdapterInfo, peft_model_cls: Any) -> None:
-        if isinstance(self._model, peft_model_cls):
-            self._model.load_adapter(str(info.path), adapter_name=info.name, is_trainable=False)
-        else:
-            self._model = peft_model_cls.from_pretrained(
-                self._model, str(info.path), adapter_name=info.name, is_trainable=False,
-            )
 
     async def reload_adapters(self) -> list[AdapterProblem]:
         await self._submit(_ControlJob("reload"))
@@ -303,12 +293,24 @@ class LocalEngine:
     async def _pump(job: _GenerateJob, on_text: TextSink) -> None:
         assert job.deltas is not None
         while (delta := await job.deltas.get()) is not None:
-            if not job.cancelled:
+            if job.cancelled:
+                continue
+            try:
                 await on_text(delta)
+            except BaseException as exc:
+                # Nobody can receive the rest: stop generating (the worker frees the row at its next step)
+                # and end the request with the callback's error.
+                job.cancelled = True
+                if not job.future.done():
+                    job.future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
 
     def _put(self, job: _Job | _ControlJob) -> None:
         if self._closed:
             raise EngineError("the engine is shut down")
+        if self._dead is not None:
+            raise EngineError(f"the engine stopped working ({self._dead}); restart the bot")
         self._queue.put(job)
 
     async def _submit(self, job: _Job | _ControlJob) -> Any:
@@ -324,7 +326,8 @@ class LocalEngine:
     async def close(self) -> None:
         if self._closed:
             return
-        await self._submit(_ControlJob("stop"))
+        if self._dead is None and self._thread.is_alive():
+            await self._submit(_ControlJob("stop"))
         self._closed = True
         await asyncio.to_thread(self._thread.join, 10)
 
@@ -332,43 +335,75 @@ class LocalEngine:
     def _worker(self) -> None:
         torch.set_grad_enabled(False)
         rows: list[_Row] = []
-        state: dict[str, Any] = {}
         pending: list[_GenerateJob] = []
-        while True:
-            jobs = self._drain(block=not rows and not pending)
-            stop = False
-            classify: list[_ClassifyJob] = []
-            for job in jobs:
-                if isinstance(job, _ControlJob):
-                    if job.action == "reload":
-                        if rows:  # adapters cannot change under a running batch: finish it first
-                            self._queue.put(job)
-                            continue
-                        try:
-                            self._attach_adapters()
-                            _resolve(job, None)
-                        except Exception as exc:
-                            _resolve(job, error=EngineError(f"reloading adapters failed: {exc}"))
-                    else:
-                        stop = True
-                        stop_job = job
-                elif isinstance(job, _ClassifyJob):
-                    classify.append(job)
+        batch: BatchState | None = None
+        stop_job: _ControlJob | None = None
+        try:
+            while True:
+                jobs = self._drain(block=not rows and not pending)
+                try:
+                    classify: list[_ClassifyJob] = []
+                    for job in jobs:
+                        if isinstance(job, _ControlJob):
+                            if job.action == "reload":
+                                if rows:  # adapters cannot change under a running batch: finish it first
+                                    self._queue.put(job)
+                                    continue
+                                try:
+                                    self._attach_adapters()
+                                    _resolve(job, None)
+                                except Exception as exc:
+                                    _resolve(job, error=EngineError(f"reloading adapters failed: {exc}"))
+                            else:
+                                stop_job = job
+                        elif isinstance(job, _ClassifyJob):
+                            classify.append(job)
+                        else:
+                            pending.append(job)
+                    for start in range(0, len(classify), self.max_batch):
+                        self._run_classify(classify[start:start + self.max_batch])
+                    room = self.max_batch - len(rows)
+                    if room > 0 and pending:
+                        admitted, pending = pending[:room], pending[room:]
+                        if batch is None:
+                            batch = self._backend.new_batch(self.max_batch)
+                        rows = self._admit(rows, batch, admitted)
+                    if rows:
+                        assert batch is not None
+                        rows = self._decode_step(rows, batch)
+                except Exception as exc:
+                    # A fault in the scheduler itself: fail the requests it touched, keep serving the rest.
+                    log.exception("engine step failed")
+                    error = EngineError(f"the engine failed on this request: {exc}")
+                    for job in [*jobs, *(r.job for r in rows)]:
+                        if not isinstance(job, _ControlJob) or job is not stop_job:
+                            _resolve(job, error=error)
+                    pending = [j for j in pending if j not in jobs]
+                    rows = []
+                if not rows:
+                    batch = None  # the next batch starts with an empty cache
+                self.in_flight = len(rows)
+                if stop_job is not None and not rows and not pending:
+                    _resolve(stop_job, None)
+                    return
+        except BaseException as exc:
+            # Ends the thread (logged as critical); re-raising would only print a second traceback.
+            self._die(f"{type(exc).__name__}: {exc}", [*pending, *(r.job for r in rows)])
+
+    def _die(self, reason: str, held: list[_Job]) -> None:
+        """The worker is ending abnormally: fail everything it held or will be sent, at once."""
+        self._dead = reason
+        log.critical("the engine's worker stopped: %s", reason)
+        error = EngineError(f"the engine stopped working ({reason}); restart the bot")
+        for job in held:
+            _resolve(job, error=error)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self._queue.get_nowait()
+                if isinstance(job, _ControlJob) and job.action == "stop":
+                    _resolve(job, None)  # close() must still return
                 else:
-                    pending.append(job)
-            for start in range(0, len(classify), self.max_batch):
-                self._run_classify(classify[start:start + self.max_batch])
-            room = self.max_batch - len(rows)
-            if room > 0 and pending:
-                admitted, pending = pending[:room], pending[room:]
-                rows = self._admit(rows, state, admitted)
-            if rows:
-                rows = self._decode_step(rows, state)
-            if stop and not rows and not pending:
-                _resolve(stop_job, None)
-                return
-            if stop:  # finish what is in flight, then stop
-                self._queue.put(stop_job)
+                    _resolve(job, error=error)
 
     def _drain(self, block: bool) -> list[_Job | _ControlJob]:
         jobs: list[_Job | _ControlJob] = []
@@ -389,38 +424,6 @@ class LocalEngine:
             pass
         return [j for j in jobs if not j.cancelled]
 
-    def _adapter_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
-        if not self._adapters:
-            return {}
-        return {"adapter_names": [a if a is not None else BASE for a in adapters]}
-
-    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        pad = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
-
-    def _forward_last(self, jobs: Sequence[_Job], cache: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prefill ``jobs`` as one batch; logits at each last position [B, V] and (peft) the padding mask.
-
-        ``cache``: peft: a DynamicCache to fill, or None. fast: a ``SlotCache`` reservation to write the
-        keys/values into, ``Columns`` (only those vocabulary logits: [B, len(ids)]), or None.
-        """
-        if self._fast is not None:
-            logits = self._fast.prefill([j.prompt_ids for j in jobs], [j.adapter for j in jobs], cache)
-            return logits, None
-        ids, mask, positions = self._left_pad([j.prompt_ids for j in jobs])
-        out = self._model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-            use_cache=cache is not None, logits_to_keep=1, **self._adapter_kwargs([j.adapter for j in jobs]),
-        )
-        return out.logits[:, -1, :], mask
-
     def _isolate(self, jobs: Sequence[_Job], run: Any) -> list[Any]:
         """Run ``run(jobs)``; if the batch fails, run each job alone so one bad request fails alone."""
         try:
@@ -440,16 +443,11 @@ class LocalEngine:
 
     def _run_classify(self, jobs: list[_ClassifyJob]) -> None:
         def run(batch: list[_ClassifyJob]) -> None:
-            column: dict[int, int] | None = None
-            if self._fast is not None:  # only the choices' logits, not the whole vocabulary
-                wanted = sorted({c for job in batch for c in job.choice_ids})
-                column = {c: k for k, c in enumerate(wanted)}
-                logits, _ = self._forward_last(batch, Columns(wanted))
-            else:
-                logits, _ = self._forward_last(batch)
+            wanted = sorted({c for job in batch for c in job.choice_ids})
+            column = {c: k for k, c in enumerate(wanted)}
+            logits = self._backend.score([j.prompt_ids for j in batch], [j.adapter for j in batch], wanted)
             for i, job in enumerate(batch):
-                index = job.choice_ids if column is None else [column[c] for c in job.choice_ids]
-                picked = logits[i, index].float().softmax(-1).tolist()
+                picked = logits[i, [column[c] for c in job.choice_ids]].float().softmax(-1).tolist()
                 scores = dict(zip(job.choices, picked, strict=True))
                 _resolve(job, Classification(scores=scores, prompt_tokens=len(job.prompt_ids)))
 
@@ -458,59 +456,23 @@ class LocalEngine:
         except Exception as exc:
             _resolve(jobs[0], error=EngineError(f"the model failed on this request: {exc}"))
 
-    def _admit(self, rows: list[_Row], state: dict[str, Any], jobs: list[_GenerateJob]) -> list[_Row]:
+    def _admit(self, rows: list[_Row], batch: BatchState, jobs: list[_GenerateJob]) -> list[_Row]:
         """Prefill new generation jobs and merge them into the running batch."""
-        if self._fast is not None:
-            return self._admit_fast(rows, state, jobs)
-        from transformers import DynamicCache
-
-        def run(batch: list[_GenerateJob]) -> tuple[list[_GenerateJob], Any, torch.Tensor, torch.Tensor]:
-            cache = DynamicCache(config=self._base_config())
-            logits, mask = self._forward_last(batch, cache)
-            return batch, cache, mask, logits
+        def run(group: list[_GenerateJob]) -> tuple[list[_GenerateJob], torch.Tensor]:
+            return group, self._backend.prefill(batch, [j.prompt_ids for j in group], [j.adapter for j in group])
 
         try:
             prefilled = self._isolate(jobs, run)
         except Exception as exc:
             _resolve(jobs[0], error=EngineError(f"the model failed on this request: {exc}"))
             return rows
-        for batch, cache, mask, logits in prefilled:
+        for group, logits in prefilled:
             new_rows = [
-                _Row(job=j, position=len(j.prompt_ids), generator=self._generator(j.params)) for j in batch
-            ]
-            self._merge(state, cache, mask)
-            rows = rows + new_rows
-            self._advance(new_rows, logits)
-        return self._retire(rows, state)
-
-    def _admit_fast(self, rows: list[_Row], state: dict[str, Any], jobs: list[_GenerateJob]) -> list[_Row]:
-        assert self._fast is not None
-        slots = state.setdefault("slots", self._fast.new_cache(self.max_batch))
-
-        def run(batch: list[_GenerateJob]) -> tuple[list[_GenerateJob], torch.Tensor]:
-            # The new rows' keys/values go straight into free slots; they join the batch only on success.
-            reservation = slots.reserve(len(batch), max(len(j.prompt_ids) for j in batch))
-            logits, _ = self._forward_last(batch, reservation)
-            slots.commit(reservation)
-            return batch, logits
-
-        try:
-            prefilled = self._isolate(jobs, run)
-        except Exception as exc:
-            _resolve(jobs[0], error=EngineError(f"the model failed on this request: {exc}"))
-            if not rows:
-                state.clear()
-            return rows
-        for batch, logits in prefilled:
-            new_rows = [
-                _Row(job=j, position=len(j.prompt_ids), generator=self._generator(j.params)) for j in batch
+                _Row(job=j, position=len(j.prompt_ids), generator=self._generator(j.params)) for j in group
             ]
             rows = rows + new_rows
             self._advance(new_rows, logits)
-        return self._retire(rows, state)
-
-    def _base_config(self) -> Any:
-        return getattr(self._model, "base_model", self._model).config
+        return self._retire(rows, batch)
 
     @staticmethod
     def _generator(params: SamplingParams) -> torch.Generator | None:
@@ -519,32 +481,6 @@ class LocalEngine:
         gen = torch.Generator()
         gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
         return gen
-
-    @staticmethod
-    def _merge(state: dict[str, Any], cache: Any, mask: torch.Tensor) -> None:
-        """Append a freshly prefilled cache (and its mask) to the running batch, left-padding the shorter."""
-        if "cache" not in state:
-            state["cache"], state["mask"] = cache, mask
-            return
-        old_cache, old_mask = state["cache"], state["mask"]
-        width = max(old_mask.shape[1], mask.shape[1])
-
-        def pad(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
-            if extra == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = extra
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        for old_layer, new_layer in zip(old_cache.layers, cache.layers, strict=True):
-            for attr in ("keys", "values"):
-                a, b = getattr(old_layer, attr), getattr(new_layer, attr)
-                setattr(old_layer, attr, torch.cat(
-                    [pad(a, width - a.shape[-2], -2), pad(b, width - b.shape[-2], -2)], dim=0,
-                ))
-        state["mask"] = torch.cat(
-            [pad(old_mask, width - old_mask.shape[1], 1), pad(mask, width - mask.shape[1], 1)], dim=0,
-        )
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token from ``logits`` and stream the text it adds."""
@@ -602,8 +538,8 @@ class LocalEngine:
             except RuntimeError:
                 job.cancelled = True
 
-    def _retire(self, rows: list[_Row], state: dict[str, Any]) -> list[_Row]:
-        """Resolve finished rows and drop them (and all-padding columns) from the running batch."""
+    def _retire(self, rows: list[_Row], batch: BatchState) -> list[_Row]:
+        """Resolve finished rows and drop them from the running batch."""
         keep = [i for i, r in enumerate(rows) if r.finish is None]
         for r in rows:
             if r.finish is not None and r.finish != "cancelled":
@@ -613,42 +549,22 @@ class LocalEngine:
                     finish_reason=r.finish,
                 ))
         if not keep:
-            state.clear()
             return []
-        if len(keep) < len(rows) and "slots" in state:
-            # fast: the last rows move into the freed slots; the rows follow the cache's new order.
-            return [rows[i] for i in state["slots"].retire(keep)]
         if len(keep) < len(rows):
-            index = torch.tensor(keep, device=self.device)
-            state["cache"].batch_select_indices(index)
-            state["mask"] = state["mask"][index]
-            # Columns that are padding in every remaining row are dead weight for attention.
-            first = int(state["mask"].any(0).long().argmax())
-            if first > 0:
-                state["mask"] = state["mask"][:, first:]
-                for layer in state["cache"].layers:
-                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-        return [rows[i] for i in keep]
+            return [rows[i] for i in self._backend.retire(batch, keep)]
+        return rows
 
-    def _decode_step(self, rows: list[_Row], state: dict[str, Any]) -> list[_Row]:
+    def _decode_step(self, rows: list[_Row], batch: BatchState) -> list[_Row]:
+        self.decode_steps += 1
         try:
-            if self._fast is not None:
-                logits = self._fast.decode(
-                    state["slots"], [r.generated[-1] for r in rows], [r.job.adapter for r in rows],
-                )
-            else:
-                ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
-                positions = torch.tensor([[r.position + len(r.generated) - 1] for r in rows], device=self.device)
-                state["mask"] = torch.cat([state["mask"], state["mask"].new_ones((len(rows), 1))], dim=1)
-                logits = self._model(
-                    input_ids=ids, attention_mask=state["mask"], position_ids=positions, cache=state["cache"],
-                    use_cache=True, **self._adapter_kwargs([r.job.adapter for r in rows]),
-                ).logits[:, -1, :]
+            logits = self._backend.decode(
+                batch, [r.generated[-1] for r in rows], [r.position + len(r.generated) - 1 for r in rows],
+                [r.job.adapter for r in rows],
+            )
         except Exception as exc:
             log.exception("decode step failed")
             for r in rows:
                 _resolve(r.job, error=EngineError(f"the model failed while generating: {exc}"))
-            state.clear()
             return []
         self._advance(rows, logits)
-        return self._retire(rows, state)
+        return self._retire(rows, batch)

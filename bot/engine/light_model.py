@@ -1,7 +1,7 @@
 """Load a Llama-shaped model folder for the fast engine without importing transformers.
 
 Importing transformers (and PEFT) costs about two thirds of the bot's cold start and ~150 MB of memory,
-yet the fast backend (``bot.fast_lora``) only needs the config, the tensors and a tokenizer. This module
+yet the fast backend (``bot.engine.fast_llama``) only needs the config, the tensors and a tokenizer. This module
 reads ``config.json``, the safetensors weights (memory-mapped, not copied when the dtype already
 matches) and ``tokenizer.json`` with the ``tokenizers`` library, and renders the chat template with
 jinja2 the way transformers does. Anything it does not handle exactly (another architecture, a
@@ -128,7 +128,7 @@ def read_config(folder: Path) -> SimpleNamespace:
 
 def unsupported_folder(folder: Path) -> str | None:
     """Why ``folder`` must be loaded with transformers (None when this module loads it exactly)."""
-    from bot.fast_lora import unsupported_config
+    from bot.engine.fast_llama import unsupported_config
 
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
         return "no config.json or tokenizer.json"
@@ -160,11 +160,11 @@ def load_light(folder: Path, *, dtype: str = "auto", device: str = "auto", threa
     """(model, tokenizer) for the fast engine; raises LightUnsupported when transformers is needed.
 
     ``gguf``: the GGUF the folder was converted from; on a CPU with the compiled kernel its quantised
-    matrices are used as they are in the file (the same values; see bot.gguf_weights)."""
+    matrices are used as they are in the file (the same values; see bot.engine.gguf)."""
     import torch
 
-    from bot.fast_lora import read_safetensors
-    from bot.models import resolve_device, resolve_dtype
+    from bot.engine.loading import resolve_device, resolve_dtype
+    from bot.engine.weights import read_safetensors
 
     reason = unsupported_folder(folder)
     if reason:
@@ -195,10 +195,10 @@ def _quantized(gguf: Path, config: Any, weights: dict[str, Any]) -> dict[str, An
     that cannot be read): the float weights always work, so this never fails the load."""
     import logging
 
-    from bot import cpu_kernels
-    from bot.gguf_weights import GGUFError, quantized_weights
+    from bot.engine import kernels
+    from bot.engine.gguf import GGUFError, quantized_weights
 
-    if cpu_kernels.load() is None:
+    if kernels.load() is None:
         return {}
     try:
         found = quantized_weights(gguf, config)

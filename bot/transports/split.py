@@ -1,61 +1,11 @@
-"""Platform-neutral rendering of results, input cleaning and message splitting."""
+"""Splitting a long reply into messages within a platform's limit, without breaking code fences,
+grapheme clusters or the UTF-16 length Telegram counts."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
 from collections.abc import Callable
-
-from bot.messages import Answer, Entities, Sentiment, SkillResult, Text
-
-_EMOJI = {"positive": "😊", "negative": "😞", "neutral": "😐"}
-# Bidi overrides/isolates can disguise text (e.g. reversed file names); they are never needed here.
-_BIDI = {chr(c) for c in (0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0x2066, 0x2067, 0x2068, 0x2069)}
-# Chat-template markers (<|im_start|>, <|im_end|>, <|endoftext|>, <|eot_id|>…) typed by a user would be
-# tokenized as the real special tokens; a zero-width space keeps the text and breaks the marker.
-_SPECIAL = re.compile(r"<\|([^|<>\s]{1,40})\|>")
-
-
-def clean_input(text: str) -> str:
-    """Valid UTF-8 text without control or bidi-override characters (newlines and tabs kept)."""
-    text = text.encode("utf-8", "replace").decode("utf-8", "replace")
-    text = "".join(
-        ch for ch in text
-        if ch in "\n\t" or (ch not in _BIDI and unicodedata.category(ch) not in ("Cc", "Cs"))
-    ).strip()
-    return _SPECIAL.sub(lambda m: f"<\u200b|{m[1]}|>", text)
-
-
-def terminal_safe(text: str) -> str:
-    """Text a terminal shows as text: no escape sequences or other control characters (a model can
-    generate ESC and friends, which would move the cursor or recolour the console), no bidi overrides.
-    Unlike ``clean_input`` it keeps surrounding whitespace, so streamed pieces join up unchanged."""
-    return "".join(ch for ch in text if ch in "\n\t" or (ch not in _BIDI and unicodedata.category(ch) != "Cc"))
-
-
-def render(result: SkillResult | None) -> str:
-    if isinstance(result, Sentiment):
-        emoji = _EMOJI.get(result.label, "•")
-        ranked = sorted(result.scores.items(), key=lambda kv: -kv[1])
-        detail = " · ".join(f"{label} {p:.0%}" for label, p in ranked)
-        return f"{emoji} {result.label} ({result.scores[result.label]:.0%})\n{detail}"
-    if isinstance(result, Entities):
-        if not result.entities:
-            return "No named entities found."
-        return "\n".join(f"• {e.text} — {e.type} [{e.start}:{e.end}]" for e in result.entities)
-    if isinstance(result, Answer):
-        if not result.answer:
-            return "(no answer found in the text)"
-        quoted = result.start is not None or not result.context_chars
-        return result.answer if quoted else f"{result.answer}\n(not found word for word in the text)"
-    if isinstance(result, Text):
-        return result.text or "(the model produced no text)"
-    return ""
-
-
-def render_compare(base: SkillResult, tuned: SkillResult, adapter: str | None) -> str:
-    tuned_title = f"Fine-tuned (adapter '{adapter}')" if adapter else "Fine-tuned (no adapter installed)"
-    return f"Base model (pre-trained only):\n{render(base)}\n\n{tuned_title}:\n{render(tuned)}"
 
 
 def utf16_len(text: str) -> int:

@@ -193,10 +193,3 @@ def load_model(path: Path, *, dtype: str = "auto", device: str = "auto", threads
     model.to(dev)
     model.eval()
     return model, load_tokenizer(path)
-
-
-def shape_signature(config: Any) -> str:
-    """What must match between an adapter and a base model for the LoRA weights to fit."""
-    fields = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "intermediate_size", "vocab_size")
-    return ":".join(str(getattr(config, f, None)) for f in fields)

@@ -1,6 +1,6 @@
 """Fast inference for a Llama-shaped base model with many LoRA adapters applied per row at once.
 
-Used by ``bot.engine_local.LocalEngine`` in place of transformers + PEFT's ``adapter_names`` (which
+Used by ``bot.engine.scheduler.LocalEngine`` in place of transformers + PEFT's ``adapter_names`` (which
 runs, in every layer and for every projection, one small forward per adapter present in the batch).
 What it does differently, all of it exact up to floating-point summation order:
 
@@ -14,7 +14,7 @@ What it does differently, all of it exact up to floating-point summation order:
   A batch that uses a single adapter only touches that adapter's slice;
 * a slot KV cache: every row keeps its keys/values from column 0 (no left padding), decoding writes one
   column per row in place (no concatenation), a finished row's slot is refilled by moving the last row;
-* on x86 CPUs, small-batch matmuls run on ``bot.cpu_kernels`` (an AVX2 kernel built on first use)
+* on x86 CPUs, small-batch matmuls run on ``bot.engine.kernels`` (an AVX2 kernel built on first use)
   instead of the bundled BLAS, which is slow for a few rows on AMD CPUs; torch's matmul otherwise;
 * grouped-query attention without copying K/V: the query heads that share a K/V head are laid out as
   extra query positions of that head;
@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import re
-import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bot import cpu_kernels
+from bot.engine import kernels
+from bot.engine.weights import read_safetensors
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gu": ("gate_proj", "up_proj"), "down": ("down_proj",),
@@ -59,7 +57,7 @@ def unsupported(model: Any) -> str | None:
 
 
 def unsupported_config(cfg: Any) -> str | None:
-    """Why a Llama config (transformers' or ``bot.light_model``'s) cannot run on this path."""
+    """Why a Llama config (transformers' or ``bot.engine.light_model``'s) cannot run on this path."""
     if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
         return "the model has projection biases"
     if getattr(cfg, "hidden_act", "silu") != "silu":
@@ -223,42 +221,6 @@ class SlotCache:
         return order
 
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
-def map_file(path: Path) -> torch.Tensor:
-    """A whole file as a uint8 CPU tensor over a private memory map (pages are read when touched)."""
-    if path.stat().st_size == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    with path.open("rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "non-writable buffer": ACCESS_COPY pages are private anyway
-        return torch.frombuffer(mapped, dtype=torch.uint8)
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file as CPU tensors viewing one private memory map of it (no read copy; the caller
-    copies what it keeps). safetensors' own loader builds each tensor through Python storage slicing,
-    which costs more than the copy for hundreds of small tensors."""
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    raw = map_file(path)[8 + n:]
-    out = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _DTYPES.get(meta["dtype"])
-        start, end = meta["data_offsets"]
-        if dtype is None or start % torch.empty((), dtype=dtype).element_size() or (8 + n) % 8:
-            from safetensors.torch import load_file  # an unusual file: the reference loader
-
-            return load_file(str(path), device="cpu")
-        out[key] = raw[start:end].view(dtype).view(meta["shape"])
-    return out
-
-
 class FastLlama:
     """A LlamaForCausalLM's weights prepared for batched multi-adapter inference (see module docstring)."""
 
@@ -289,7 +251,7 @@ class FastLlama:
             self.layers = [self._weights(weights, f"model.layers.{i}.") for i in range(self.n_layers)]
         except KeyError as exc:
             raise ValueError(f"the weights have no tensor {exc.args[0]}") from None
-        self.dtype = self.norm.dtype    # the embeddings may be quantised blocks (bot.gguf_weights)
+        self.dtype = self.norm.dtype    # the embeddings may be quantised blocks (bot.engine.gguf)
         self.device = self.norm.device
         self.q_dim = self.n_heads * self.head_dim
         self.kv_dim = self.n_kv * self.head_dim
@@ -308,7 +270,7 @@ class FastLlama:
         self.adapters: dict[str, _Adapter] = {}
         self._sel_cache: dict[tuple[str | None, ...], _Sel | None] = {}
         use_kernel = cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32
-        self.kernel = cpu_kernels.load() if use_kernel else None
+        self.kernel = kernels.load() if use_kernel else None
 
     @classmethod
     def from_model(cls, model: Any, *, max_context: int = 2048, cpu_kernel: bool = True) -> FastLlama:
@@ -490,10 +452,10 @@ class FastLlama:
     # ------------------------------------------------------------------ the forward pass
     def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x @ w.T"""
-        if isinstance(w, cpu_kernels.QuantWeight):  # only handed over when the kernel is built
-            return cpu_kernels.linear_quant(x if x.stride(1) == 1 else x.contiguous(), w, torch.get_num_threads())
-        if self.kernel is not None and x.shape[0] <= self.KERNEL_MAX_ROWS and cpu_kernels.usable(x, w):
-            return cpu_kernels.linear(x, w, torch.get_num_threads())
+        if isinstance(w, kernels.QuantWeight):  # only handed over when the kernel is built
+            return kernels.linear_quant(x if x.stride(1) == 1 else x.contiguous(), w, torch.get_num_threads())
+        if self.kernel is not None and x.shape[0] <= self.KERNEL_MAX_ROWS and kernels.usable(x, w):
+            return kernels.linear(x, w, torch.get_num_threads())
         return F.linear(x, w)
 
     def _proj(self, x: torch.Tensor, ws: tuple[torch.Tensor, ...], layer: int, group: str,
@@ -509,8 +471,8 @@ class FastLlama:
         a = self._mm(x, stack.A[layer, lo:hi])
         a.mul_(mult)
         bt = stack.B[layer, :, lo:hi]
-        if self.kernel is not None and a.shape[0] <= self.KERNEL_MAX_ROWS and cpu_kernels.usable(a, bt):
-            cpu_kernels.linear(a, bt, torch.get_num_threads(), out=out)
+        if self.kernel is not None and a.shape[0] <= self.KERNEL_MAX_ROWS and kernels.usable(a, bt):
+            kernels.linear(a, bt, torch.get_num_threads(), out=out)
         else:
             out.addmm_(a, bt.t())
         return out
@@ -553,7 +515,7 @@ class FastLlama:
     @staticmethod
     def _rows(w: Any, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of a float matrix or of quantised blocks (embedding lookups, label columns)."""
-        return w.dequantize(ids) if isinstance(w, cpu_kernels.QuantWeight) else F.embedding(ids, w)
+        return w.dequantize(ids) if isinstance(w, kernels.QuantWeight) else F.embedding(ids, w)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], adapters: list[str | None],

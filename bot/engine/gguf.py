@@ -1,6 +1,6 @@
 """The block-quantised (Q4_1, Q8_0) matrices of a Llama GGUF file, for the fast engine's kernels.
 
-The bundled model ships as a Q4_1 GGUF and is converted once to float32 safetensors (bot.models). Those
+The bundled model ships as a Q4_1 GGUF and is converted once to float32 safetensors (bot.engine.loading). Those
 float32 values are exactly ``d * q + m`` of the GGUF's 4-bit blocks (``d * q`` of its 8-bit embeddings),
 so the fast engine can keep the blocks themselves (0.625 and 1.06 bytes per weight instead of 4) and
 expand them inside its matmul kernel with identical results. This module parses the GGUF header itself:
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from bot.cpu_kernels import Q41Weight, Q80Weight, QuantWeight
+from bot.engine.kernels import Q41Weight, Q80Weight, QuantWeight
 
 GGML_Q4_1, GGML_Q8_0 = 3, 8
 BLOCK_TYPES: dict[int, type[QuantWeight]] = {GGML_Q4_1: Q41Weight, GGML_Q8_0: Q80Weight}
@@ -120,7 +120,7 @@ def transformers_name(gguf_name: str) -> str | None:
 def quantized_weights(path: Path, cfg: Any) -> dict[str, QuantWeight]:
     """The Q4_1 and Q8_0 matrices of a Llama GGUF (layers' linear weights, embeddings, output layer) by
     transformers' tensor name; other tensors are left out (the caller keeps their float copies)."""
-    from bot.fast_lora import map_file
+    from bot.engine.weights import map_file
 
     infos, data_start = read_tensor_table(path)
     raw = map_file(path)

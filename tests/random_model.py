@@ -11,8 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bot.adapters import MANIFEST, manifest_dict
-from bot.models import shape_signature
+from bot.adapters import MANIFEST, manifest_dict, shape_signature
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 

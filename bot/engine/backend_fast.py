@@ -1,0 +1,74 @@
+"""The fast backend: ``FastLlama`` (batched multi-adapter LoRA, slot KV cache, CPU kernels).
+
+The default for Llama-shaped models; greedy outputs equal the PEFT backend's token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bot.adapters import AdapterInfo
+from bot.engine.backend import Backend, BatchState
+from bot.engine.fast_llama import Columns, FastLlama, SlotCache
+
+
+@dataclass
+class FastBatch(BatchState):
+    slots: SlotCache      # every row keeps its keys/values from column 0 of its own slot
+
+
+class FastBackend(Backend):
+    name = "fast"
+
+    def __init__(self, fast: FastLlama):
+        self.fast = fast
+        self.config = fast.config
+
+    @classmethod
+    def from_weights(cls, config: Any, weights: dict[str, torch.Tensor], *, max_context: int,
+                     cpu_kernel: bool) -> FastBackend:
+        return cls(FastLlama(config, weights, max_context=max_context, cpu_kernel=cpu_kernel))
+
+    @classmethod
+    def from_model(cls, model: Any, *, max_context: int, cpu_kernel: bool) -> FastBackend:
+        return cls(FastLlama.from_model(model, max_context=max_context, cpu_kernel=cpu_kernel))
+
+    def attach(self, info: AdapterInfo) -> None:
+        self.fast.add_adapter(info.name, info.path)
+
+    def detach(self, name: str) -> None:
+        self.fast.remove_adapter(name)
+
+    def adapter_bytes(self, name: str) -> int:
+        return self.fast.adapter_bytes(name)
+
+    def score(self, prompts: Sequence[list[int]], adapters: Sequence[str | None],
+              token_ids: Sequence[int]) -> torch.Tensor:
+        # Only these vocabulary columns are computed, not the whole head.
+        return self.fast.prefill(list(prompts), list(adapters), Columns(list(token_ids)))
+
+    def new_batch(self, max_rows: int) -> FastBatch:
+        return FastBatch(self.fast.new_cache(max_rows))
+
+    def prefill(self, batch: BatchState, prompts: Sequence[list[int]],
+                adapters: Sequence[str | None]) -> torch.Tensor:
+        assert isinstance(batch, FastBatch)
+        # The new rows' keys/values go straight into free slots; they join the batch only on success.
+        reservation = batch.slots.reserve(len(prompts), max(len(p) for p in prompts))
+        logits = self.fast.prefill(list(prompts), list(adapters), reservation)
+        batch.slots.commit(reservation)
+        return logits
+
+    def decode(self, batch: BatchState, tokens: Sequence[int], positions: Sequence[int],
+               adapters: Sequence[str | None]) -> torch.Tensor:
+        assert isinstance(batch, FastBatch)
+        return self.fast.decode(batch.slots, list(tokens), list(adapters))
+
+    def retire(self, batch: BatchState, keep: list[int]) -> list[int]:
+        assert isinstance(batch, FastBatch)
+        # The last rows move into the freed slots; the rows follow the cache's new order.
+        return batch.slots.retire(keep)

@@ -1,0 +1,105 @@
+"""What this installation's engine will actually use, found without loading the model (``lorabot doctor``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from bot.config import Config
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return [f for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "amx_tile") if f in have]
+    return []
+
+
+def _backend(config: Config, folder: Path) -> tuple[str, str]:
+    """(backend, why) as ``LocalEngine.from_config`` would choose it."""
+    from bot.engine.fast_llama import unsupported_config
+    from bot.engine.light_model import read_config, unsupported_folder
+
+    wanted = config.engine.backend
+    if wanted == "peft":
+        return "peft", "engine.backend = \"peft\" in the config"
+    light = unsupported_folder(folder)
+    if light is None:
+        return "fast", "a Llama-shaped model: loaded without transformers, batched multi-adapter LoRA"
+    reason = unsupported_config(read_config(folder)) if (folder / "config.json").is_file() else light
+    if reason is None:
+        return "fast", f"loaded with transformers ({light})"
+    if wanted == "fast":
+        return "none", f"engine.backend = \"fast\" but the model is not supported: {reason}"
+    return "peft", f"the fast backend cannot run this model: {reason}"
+
+
+def describe(config: Config) -> dict[str, Any]:
+    """The engine's part of the doctor report (loads torch and builds the CPU kernel; not the model)."""
+    import torch
+
+    from bot import adapters as adapter_folders
+    from bot.engine import kernels
+    from bot.engine.loading import cache_dir, resolve_base, resolve_device, resolve_dtype
+
+    out: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads() if not config.model.threads else config.model.threads,
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": _cpu_flags(),
+        "device": resolve_device(config.model.device),
+        "cache_dir": str(cache_dir()),
+    }
+    dtype = resolve_dtype(config.model.dtype, out["device"])
+    # The kernel multiplies float32 on the CPU only; with bfloat16 (CPUs with native bf16) torch does it all.
+    wanted = config.engine.cpu_kernel and out["device"] == "cpu" and dtype == torch.float32
+    status = kernels.status() if wanted else None
+    out["kernel"] = {
+        "used": bool(status and status.built),
+        "reason": ("built" if status.built else status.reason) if status else
+        ("engine.cpu_kernel = false" if not config.engine.cpu_kernel else f"not needed for {dtype} on {out['device']}"),
+        "path": status.path if status else "", "compiler": status.compiler if status else "",
+    }
+    try:
+        base = resolve_base(config.model.base, progress=False)
+    except Exception as exc:
+        out["model"] = {"spec": config.model.base, "problem": str(exc)}
+        return out
+    backend, why = _backend(config, base.path)
+    quantized = bool(config.engine.quantized and base.gguf and status and status.built and backend == "fast")
+    if quantized:
+        weights = "quantised: Q4_1 layers and Q8_0 embeddings from the GGUF, expanded in the kernel"
+    elif base.gguf is None:
+        weights = "float: the model folder has no GGUF"
+    elif status is None:
+        name = str(dtype).removeprefix("torch.")
+        weights = f"{name} copy of the converted model (the quantised weights need the float32 kernel)"
+    elif not status.built:
+        weights = f"float32 copy: the quantised weights need the CPU kernel ({kernels.COST})"
+    else:
+        weights = "float32 copy: engine.quantized is off"
+    out["model"] = {"spec": config.model.base, "name": base.name, "path": str(base.path),
+                    "gguf": str(base.gguf) if base.gguf else None}
+    out["engine"] = {"backend": backend, "why": why, "dtype": str(dtype).removeprefix("torch."),
+                     "weights": weights, "max_batch": config.engine.max_batch}
+    from bot.engine import base_signature
+
+    try:
+        name, shape = base_signature(config)
+        found, problems = adapter_folders.scan_adapters(config.path(config.adapters.dir), base_model=name,
+                                                        base_shape=shape)
+        out["adapters"] = {
+            "dir": str(config.path(config.adapters.dir)),
+            "valid": {n: {"task": i.task, "format": i.format_version, "rank": i.rank} for n, i in found.items()},
+            "problems": [str(p) for p in problems],
+        }
+    except Exception as exc:
+        out["adapters"] = {"dir": str(config.path(config.adapters.dir)), "problems": [f"cannot scan: {exc}"]}
+    return out
