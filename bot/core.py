@@ -143,6 +143,8 @@ class Core:
             reply = replace(reply, text=f"{fallback}\n\n{reply.text}")
         status = {"answer": "answered", "command": "answered", "refusal": "refused", "error": "failed"}[reply.kind]
         latency = (time.perf_counter() - started) * 1000
+        if in_id is None:  # the user sent /forget from another chat meanwhile: nothing about them is kept
+            return replace(reply, feedback=False)
         out_id = await self.store.log_reply(
             chat_id=chat_id, reply_to=in_id, text=reply.text, skill=reply.skill, adapter=reply.adapter,
             latency_ms=latency, prompt_tokens=reply.usage.prompt_tokens or None,

@@ -328,16 +328,23 @@ class Store:
 
     @_guarded
     def log_incoming(self, *, chat_id: int, user_id: int | None, text: str, skill: str | None = None,
-                     platform_message_id: str | int | None = None) -> int:
-        """Store a user's message as 'pending' (before the model runs, so a crash leaves a trace)."""
+                     platform_message_id: str | int | None = None) -> int | None:
+        """Store a user's message as 'pending' (before the model runs, so a crash leaves a trace); returns its
+        id, or None when its user or chat was deleted meanwhile (a /forget from another chat): then nothing
+        about them is written again."""
         table = self.db.table("messages")
-        table.insert({
-            "chat_id": chat_id, "user_id": user_id, "direction": "in", "text": text, "skill": skill,
-            "status": "pending",
-            "platform_message_id": None if platform_message_id is None else str(platform_message_id),
-            "created_at": self._now(),
-        })
-        return cast(int, table.last_pk)
+        with self._write():  # the lock first: a /forget cannot commit between the check and the insert
+            gone = self._one("SELECT 1 FROM chats WHERE id = ?", [chat_id]) is None or (
+                user_id is not None and self._one("SELECT 1 FROM users WHERE id = ?", [user_id]) is None)
+            if gone:
+                return None
+            table.insert({
+                "chat_id": chat_id, "user_id": user_id, "direction": "in", "text": text, "skill": skill,
+                "status": "pending",
+                "platform_message_id": None if platform_message_id is None else str(platform_message_id),
+                "created_at": self._now(),
+            })
+            return cast(int, table.last_pk)
 
     @_guarded
     def log_reply(self, *, chat_id: int, reply_to: int, text: str, skill: str | None = None,
