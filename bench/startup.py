@@ -59,8 +59,8 @@ async def hotload(backend: str, adapters_dir: Path, scratch: Path, loads: int) -
             await engine.reload_adapters()
             per_adapter.setdefault(name, []).append((time.perf_counter() - t) * 1000)
             assert name in engine.adapters, engine.problems
-            if engine._backend.adapter_bytes(name):
-                memory[name] = engine._backend.adapter_bytes(name) / 2**20
+            if engine._backend.adapter_bytes(engine._live[name]):
+                memory[name] = engine._backend.adapter_bytes(engine._live[name]) / 2**20
             else:
                 memory.setdefault(name, rss_mb() - before)
             shutil.rmtree(live / name)

@@ -162,6 +162,7 @@ async def test_a_third_backend_runs_behind_the_same_scheduler() -> None:
             name="skip", path=Path("."), task="story", format_version=1, labels=(), base_model="counting",
             base_shape="", rank=1, target_modules=(),
         )
+        engine._live["skip"] = "skip"
         greedy = SamplingParams(max_new_tokens=5)
         plain, skipping, short, to_end = await asyncio.gather(
             engine.generate("ab", greedy, None), engine.generate("ab", greedy, "skip"),

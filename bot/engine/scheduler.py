@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -46,6 +47,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     cancelled: bool = False
+    key: str | None = None      # the backend's name for the adapter version this request runs on
 
 
 @dataclass
@@ -139,6 +141,9 @@ class LocalEngine:
         self._adapters_dir = adapters_dir
         self._adapters: dict[str, AdapterInfo] = {}
         self._loaded_mtimes: dict[str, float] = {}
+        self._live: dict[str, str] = {}        # adapter name -> the backend key of the version now served
+        self._versions: dict[str, int] = {}
+        self._retiring: set[str] = set()       # backend keys replaced or removed, detached once unused
         self._problems: list[AdapterProblem] = []
         config = backend.config if isinstance(backend, Backend) else model.config
         self._shape = shape_signature(config)
@@ -202,29 +207,60 @@ class LocalEngine:
         return list(self._problems)
 
     def _attach_adapters(self) -> None:
-        """Scan the folder and make the attached adapters match it (worker thread or constructor only)."""
+        """Scan the folder and make the served adapters match it (worker thread or constructor only).
+
+        Runs between two decode steps, also while rows decode. A new or changed folder is loaded under a
+        fresh backend key and swapped in only once it loaded; requests admitted from then on use it, rows
+        already running finish on the weights they started with (the old key is detached once no row uses
+        it). A replacement that fails validation or loading leaves the old version serving, reported.
+        """
         if self._adapters_dir is None:
             return
         found, problems = scan_adapters(self._adapters_dir, base_model=self.base_model, base_shape=self._shape)
+        broken = {p.name for p in problems}
         for name in list(self._adapters):
-            changed = name in found and self._mtime(found[name]) != self._loaded_mtimes.get(name)
-            if name not in found or changed:
-                self._backend.detach(name)
+            if name not in found and name not in broken:  # the folder is gone: stop serving it
+                self._retiring.add(self._live.pop(name))
                 del self._adapters[name]
         for name, info in found.items():
-            if name in self._adapters:
+            if name in self._adapters and self._mtime(info) == self._loaded_mtimes.get(name):
                 continue
+            self._versions[name] = self._versions.get(name, 0) + 1
+            key = name if self._versions[name] == 1 else f"{name}__v{self._versions[name]}"
             try:
                 started = time.perf_counter()
-                self._backend.attach(info)
-                self._adapters[name] = info
-                self._loaded_mtimes[name] = self._mtime(info)
-                log.info("adapter %s (%s) attached in %.1f ms", name, info.task, (time.perf_counter() - started) * 1e3)
+                self._backend.attach(dataclasses.replace(info, name=key))
             except Exception as exc:  # a corrupt weights file must not stop the other adapters
-                problems.append(AdapterProblem(name, info.path, f"cannot be loaded: {exc}"))
+                kept = " (the previous version keeps serving)" if name in self._adapters else ""
+                problems.append(AdapterProblem(name, info.path, f"cannot be loaded: {exc}{kept}"))
+                continue
+            if name in self._live:
+                self._retiring.add(self._live[name])
+            self._live[name], self._adapters[name] = key, info
+            self._loaded_mtimes[name] = self._mtime(info)
+            log.info("adapter %s (%s) attached in %.1f ms", name, info.task, (time.perf_counter() - started) * 1e3)
         self._problems = problems
         for problem in problems:
             log.warning("%s", problem)
+
+    def _detach_unused(self, rows: list[_Row], pending: list[_GenerateJob]) -> None:
+        """Detach replaced or removed adapter versions that no running or admitted request uses any more."""
+        if not self._retiring:
+            return
+        busy = {r.job.key for r in rows} | {j.key for j in pending}
+        for key in [k for k in self._retiring if k not in busy]:
+            self._retiring.discard(key)
+            self._backend.detach(key)
+
+    def _bind(self, job: _Job) -> bool:
+        """Fix the adapter version a request runs on (at admission); False when its adapter is gone."""
+        if job.adapter is None:
+            return True
+        job.key = self._live.get(job.adapter)
+        if job.key is None:
+            _resolve(job, error=AdapterError(f"adapter {job.adapter!r} is not loaded any more"))
+            return False
+        return True
 
     @staticmethod
     def _mtime(info: AdapterInfo) -> float:
@@ -345,10 +381,7 @@ class LocalEngine:
                     classify: list[_ClassifyJob] = []
                     for job in jobs:
                         if isinstance(job, _ControlJob):
-                            if job.action == "reload":
-                                if rows:  # adapters cannot change under a running batch: finish it first
-                                    self._queue.put(job)
-                                    continue
+                            if job.action == "reload":  # between two decode steps, rows running or not
                                 try:
                                     self._attach_adapters()
                                     _resolve(job, None)
@@ -356,6 +389,8 @@ class LocalEngine:
                                     _resolve(job, error=EngineError(f"reloading adapters failed: {exc}"))
                             else:
                                 stop_job = job
+                        elif not self._bind(job):
+                            continue
                         elif isinstance(job, _ClassifyJob):
                             classify.append(job)
                         else:
@@ -380,6 +415,7 @@ class LocalEngine:
                             _resolve(job, error=error)
                     pending = [j for j in pending if j not in jobs]
                     rows = []
+                self._detach_unused(rows, pending)
                 if not rows:
                     batch = None  # the next batch starts with an empty cache
                 self.in_flight = len(rows)
@@ -445,7 +481,7 @@ class LocalEngine:
         def run(batch: list[_ClassifyJob]) -> None:
             wanted = sorted({c for job in batch for c in job.choice_ids})
             column = {c: k for k, c in enumerate(wanted)}
-            logits = self._backend.score([j.prompt_ids for j in batch], [j.adapter for j in batch], wanted)
+            logits = self._backend.score([j.prompt_ids for j in batch], [j.key for j in batch], wanted)
             for i, job in enumerate(batch):
                 picked = logits[i, [column[c] for c in job.choice_ids]].float().softmax(-1).tolist()
                 scores = dict(zip(job.choices, picked, strict=True))
@@ -459,7 +495,7 @@ class LocalEngine:
     def _admit(self, rows: list[_Row], batch: BatchState, jobs: list[_GenerateJob]) -> list[_Row]:
         """Prefill new generation jobs and merge them into the running batch."""
         def run(group: list[_GenerateJob]) -> tuple[list[_GenerateJob], torch.Tensor]:
-            return group, self._backend.prefill(batch, [j.prompt_ids for j in group], [j.adapter for j in group])
+            return group, self._backend.prefill(batch, [j.prompt_ids for j in group], [j.key for j in group])
 
         try:
             prefilled = self._isolate(jobs, run)
@@ -559,7 +595,7 @@ class LocalEngine:
         try:
             logits = self._backend.decode(
                 batch, [r.generated[-1] for r in rows], [r.position + len(r.generated) - 1 for r in rows],
-                [r.job.adapter for r in rows],
+                [r.job.key for r in rows],
             )
         except Exception as exc:
             log.exception("decode step failed")
