@@ -296,15 +296,44 @@ class Core:
             g = await self.engine.generate(text, self._params("generation"), name, sink)
             result = Text(text=text + g.text)
         else:  # chat
-            history = await self._history(msg)
-            messages = ChatFormat.messages(self.config.bot.system_prompt, history, text)
-            g = await self.engine.generate(
-                self.engine.chat_prompt(messages), self._params("generation"), name,
-                _accumulate(stream, str.strip),
-            )
+            params = self._params("generation")
+            prompt, cut = self._fit_chat(await self._history(msg), text, params.max_new_tokens)
+            g = await self.engine.generate(prompt, params, name, _accumulate(stream, str.strip))
             result = Text(text=g.text.strip())
+            if cut:
+                note = (f"(Your message was too long for the model's context: I read only its last {cut:,} "
+                        "characters.)")
+                result = Text(text=f"{note}\n\n{result.text}")
         usage = Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens, latency_ms=_ms(started))
         return _Outcome(result, render(result), name, usage)
+
+    def _fit_chat(self, history: list[tuple[str, str]], text: str, reserve: int) -> tuple[str, int]:
+        """The chat prompt within the model's context: the oldest history goes first, then the start of the
+        user's text; the template's head and the system prompt always stay. Returns (prompt, characters of
+        the user's text kept, or 0 when nothing of it was cut)."""
+        system = self.config.bot.system_prompt
+        limit = getattr(self.engine, "max_context", 0) - reserve
+
+        def render_prompt(turns: list[tuple[str, str]], said: str) -> str:
+            return self.engine.chat_prompt(ChatFormat.messages(system, turns, said))
+
+        prompt = render_prompt(history, text)
+        if limit <= 0 or self.engine.count_tokens(prompt) <= limit:
+            return prompt, 0
+        turns = list(history)
+        while turns:
+            turns.pop(0)
+            prompt = render_prompt(turns, text)
+            if self.engine.count_tokens(prompt) <= limit:
+                return prompt, 0
+        lo, hi = 0, len(text)  # the longest tail of the text that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.engine.count_tokens(render_prompt([], text[-mid:])) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return render_prompt([], text[-lo:] if lo else ""), lo or 1
 
     def _params(self, section: str, stop: tuple[str, ...] = ()) -> SamplingParams:
         s = getattr(self.config, section)
