@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import re
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -32,6 +35,7 @@ from telegram import (
 from telegram.constants import ChatAction, ChatType, MessageLimit
 from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
 from telegram.ext import Application, ContextTypes, TypeHandler, filters
+from telegram.warnings import PTBDeprecationWarning
 
 from bot.config import Config
 from bot.core import COMMANDS, Core
@@ -140,9 +144,13 @@ def _text_document(message: Message) -> Document | None:
 # ---------------------------------------------------------------------- sending
 
 def retry_after_seconds(exc: RetryAfter) -> float:
-    # The public attribute warns (int -> timedelta migration); PTB's own retry loop reads this one too.
-    delta = getattr(exc, "_retry_after", None)
-    return delta.total_seconds() if delta is not None else 1.0
+    """The wait Telegram named, through the public attribute (an int or a timedelta, by PTB's setting)."""
+    with warnings.catch_warnings():
+        # PTB 22 warns that the attribute becomes a timedelta; both forms are handled here.
+        warnings.simplefilter("ignore", PTBDeprecationWarning)
+        value = exc.retry_after
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    return seconds if seconds > 0 else 1.0
 
 
 async def retrying(call: Callable[[], Awaitable[T]], what: str, attempts: int = SEND_ATTEMPTS) -> T:
@@ -297,7 +305,8 @@ class TelegramTransport:
         path = URL(tg.webhook_url).path or "/"
 
         async def receive(request: web.Request) -> web.Response:
-            if request.headers.get("X-Telegram-Bot-Api-Secret-Token") != self.webhook_secret:
+            given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
+            if not hmac.compare_digest(given.encode(), self.webhook_secret.encode()):  # constant time
                 return web.Response(status=403)
             try:
                 update = Update.de_json(await request.json(), app.bot)
