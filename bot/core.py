@@ -297,20 +297,20 @@ class Core:
             result = Text(text=text + g.text)
         else:  # chat
             params = self._params("generation")
-            prompt, cut = self._fit_chat(await self._history(msg), text, params.max_new_tokens)
+            prompt, kept = self._fit_chat(await self._history(msg), text, params.max_new_tokens)
             g = await self.engine.generate(prompt, params, name, _accumulate(stream, str.strip))
             result = Text(text=g.text.strip())
-            if cut:
-                note = (f"(Your message was too long for the model's context: I read only its last {cut:,} "
+            if kept is not None:
+                note = (f"(Your message was too long for the model's context: I read only its last {kept:,} "
                         "characters.)")
                 result = Text(text=f"{note}\n\n{result.text}")
         usage = Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens, latency_ms=_ms(started))
         return _Outcome(result, render(result), name, usage)
 
-    def _fit_chat(self, history: list[tuple[str, str]], text: str, reserve: int) -> tuple[str, int]:
+    def _fit_chat(self, history: list[tuple[str, str]], text: str, reserve: int) -> tuple[str, int | None]:
         """The chat prompt within the model's context: the oldest history goes first, then the start of the
         user's text; the template's head and the system prompt always stay. Returns (prompt, characters of
-        the user's text kept, or 0 when nothing of it was cut)."""
+        the user's text kept, or None when none of it was cut)."""
         system = self.config.bot.system_prompt
         limit = getattr(self.engine, "max_context", 0) - reserve
 
@@ -319,13 +319,13 @@ class Core:
 
         prompt = render_prompt(history, text)
         if limit <= 0 or self.engine.count_tokens(prompt) <= limit:
-            return prompt, 0
+            return prompt, None
         turns = list(history)
         while turns:
             turns.pop(0)
             prompt = render_prompt(turns, text)
             if self.engine.count_tokens(prompt) <= limit:
-                return prompt, 0
+                return prompt, None
         lo, hi = 0, len(text)  # the longest tail of the text that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -333,7 +333,7 @@ class Core:
                 lo = mid
             else:
                 hi = mid - 1
-        return render_prompt([], text[-lo:] if lo else ""), lo or 1
+        return render_prompt([], text[-lo:] if lo else ""), lo
 
     def _params(self, section: str, stop: tuple[str, ...] = ()) -> SamplingParams:
         s = getattr(self.config, section)

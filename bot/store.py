@@ -254,11 +254,11 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
-        except BaseException:
+            conn.execute("COMMIT")
+        except BaseException:  # also a failed COMMIT: the connection must not stay inside the transaction
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def _now(self) -> str:
         # Strictly increasing within a store, so "created after reset_at" never ties on a coarse clock.

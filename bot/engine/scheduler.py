@@ -346,8 +346,10 @@ class LocalEngine:
         if self._closed:
             raise EngineError("the engine is shut down")
         if self._dead is not None:
-            raise EngineError(f"the engine stopped working ({self._dead}); restart the bot")
+            raise self._dead_error()
         self._queue.put(job)
+        if self._dead is not None:  # the worker died between the check and the put: nobody will take it
+            self._fail_queued()
 
     async def _submit(self, job: _Job | _ControlJob) -> Any:
         loop = asyncio.get_running_loop()
@@ -411,7 +413,7 @@ class LocalEngine:
                     log.exception("engine step failed")
                     error = EngineError(f"the engine failed on this request: {exc}")
                     for job in [*jobs, *(r.job for r in rows)]:
-                        if not isinstance(job, _ControlJob) or job is not stop_job:
+                        if job is not stop_job:
                             _resolve(job, error=error)
                     pending = [j for j in pending if j not in jobs]
                     rows = []
@@ -430,16 +432,22 @@ class LocalEngine:
         """The worker is ending abnormally: fail everything it held or will be sent, at once."""
         self._dead = reason
         log.critical("the engine's worker stopped: %s", reason)
-        error = EngineError(f"the engine stopped working ({reason}); restart the bot")
         for job in held:
-            _resolve(job, error=error)
+            _resolve(job, error=self._dead_error())
+        self._fail_queued()
+
+    def _dead_error(self) -> EngineError:
+        return EngineError(f"the engine stopped working ({self._dead}); restart the bot")
+
+    def _fail_queued(self) -> None:
+        """Settle everything waiting in the queue of a dead worker (a stop request succeeds: close() returns)."""
         with contextlib.suppress(queue.Empty):
             while True:
                 job = self._queue.get_nowait()
                 if isinstance(job, _ControlJob) and job.action == "stop":
-                    _resolve(job, None)  # close() must still return
+                    _resolve(job, None)
                 else:
-                    _resolve(job, error=error)
+                    _resolve(job, error=self._dead_error())
 
     def _drain(self, block: bool) -> list[_Job | _ControlJob]:
         jobs: list[_Job | _ControlJob] = []
