@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from bot.config import Config
 from bot.core import Core
@@ -50,3 +52,49 @@ async def open_app(config: Config, *, engine: Engine | None = None, progress: bo
             await engine.close()
     finally:
         await store.close()
+
+
+class Transport(Protocol):
+    """A platform connection ``run_transports`` can supervise (TelegramTransport, DiscordTransport)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def run_transports(transports: Sequence[Transport], stop: asyncio.Event) -> int:
+    """Start every transport and serve until ``stop`` is set, or until one of them loses its connection
+    for good; then stop them all. Returns the process exit status: 0 after ``stop``, 1 when a connection
+    was lost, so a supervisor (systemd, Docker's restart policy) restarts lorabot instead of it staying
+    up without a connection.
+
+    A transport reports such a loss through an optional ``lost`` future (resolving with the reason);
+    passing network trouble is the platform library's to retry, and it does so itself.
+    """
+    started: list[Transport] = []
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        for transport in transports:
+            await transport.start()
+            started.append(transport)
+        names = ", ".join(_name(t) for t in started)
+        print(f"lorabot is running on {names}. Press Ctrl+C to stop.", file=sys.stderr)
+        losses = {lost: t for t in started if (lost := getattr(t, "lost", None)) is not None}
+        await asyncio.wait({stopping, *losses}, return_when=asyncio.FIRST_COMPLETED)
+        status = 0
+        for lost, transport in losses.items():
+            if lost.done():
+                log.error("%s stopped serving: %s; lorabot exits with status 1", _name(transport), lost.result())
+                status = 1
+        return status
+    finally:
+        stopping.cancel()
+        for transport in reversed(started):
+            try:
+                await transport.stop()
+            except Exception:
+                log.exception("stopping %s failed", _name(transport))
+
+
+def _name(transport: object) -> str:
+    return type(transport).__name__.replace("Transport", "")

@@ -67,6 +67,8 @@ class Core:
         self.engine = engine
         self.store = store  # bot.store.AsyncStore (duck-typed so tests can pass any real store)
         self.access = access or Access(config.access)
+        # Called after every /reload (from any platform), e.g. to refresh a platform's command choices.
+        self.reload_listeners: list[Callable[[], Awaitable[None]]] = []
 
     # ----------------------------------------------------------------- skills and adapters
     def modes(self) -> dict[str, str]:
@@ -163,6 +165,12 @@ class Core:
         )
         return "Thanks for the feedback!" if ok else "That message is no longer stored."
 
+    async def retract_feedback(self, platform: str, user_id: str, message_id: int, value: int) -> bool:
+        """Take back a vote (a removed reaction) if it is still ``value``; True when one went."""
+        return bool(await self.store.retract_feedback(
+            message_id=message_id, platform=platform, platform_user_id=user_id, value=value,
+        ))
+
     # ----------------------------------------------------------------- dispatch
     async def _dispatch(
         self, msg: Incoming, text: str, command: str | None, args: str, chat_id: int, mode: str,
@@ -186,6 +194,11 @@ class Core:
             if not self.access.is_admin(msg):
                 return Reply(text="Only admins can reload adapters.", kind="refusal")
             problems = await self.engine.reload_adapters()
+            for listener in list(self.reload_listeners):
+                try:
+                    await listener()
+                except Exception:  # a platform's refresh must not fail the reload itself
+                    log.exception("a reload listener failed")
             lines = [f"Adapters: {', '.join(sorted(self.engine.adapters)) or 'none'}"]
             lines += [f"Not loaded: {p}" for p in problems]
             return Reply(text="\n".join(lines), kind="command")

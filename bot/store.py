@@ -95,10 +95,36 @@ def _v1_initial_schema(db: Database) -> None:
         db.execute(sql)
 
 
+def _v2_platform_state(db: Database) -> None:
+    for sql in (
+        # Set when the platform refused to deliver to the chat (the user blocked the bot, it was removed
+        # from the group); cleared when the chat writes again. Replies to it are not attempted meanwhile.
+        "ALTER TABLE chats ADD COLUMN unreachable_at TEXT",
+        "ALTER TABLE chats ADD COLUMN unreachable_reason TEXT",
+        # The platform messages a reply was delivered as (a long reply is several), so a reaction on any
+        # of them finds the stored reply after a restart. They go with the reply (and with the chat).
+        """CREATE TABLE sent_messages (
+            chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+            platform_message_id TEXT NOT NULL,
+            message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+            PRIMARY KEY (chat_id, platform_message_id)
+        )""",
+        "CREATE INDEX sent_messages_message ON sent_messages (message_id)",
+        # Small facts a transport keeps across restarts (e.g. the hash of the slash commands last synced).
+        """CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+    ):
+        db.execute(sql)
+
+
 # Applied in order, each exactly once, each in its own transaction. Append only: never edit or reorder
 # an entry that has shipped, since databases in the wild record migrations by name.
 MIGRATIONS: list[tuple[str, Callable[[Database], None]]] = [
     ("v1_initial_schema", _v1_initial_schema),
+    ("v2_platform_state", _v2_platform_state),
 ]
 
 
@@ -317,6 +343,103 @@ class Store:
                 raise ValueError(f"no chat with id {chat_id}")
 
     @_guarded
+    def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> int | None:
+        """The platform gave the chat a new id (a Telegram group upgraded to a supergroup): its mode,
+        history and delivery records move to the new id, in one transaction. Returns the chat's row id,
+        or None when the old id is unknown (nothing to move, e.g. a second notice of the same move).
+
+        When the new id already has a row (messages arrived there before the move was noticed), the two
+        merge: the old chat's messages join it, and its mode is kept unless the new chat chose one.
+        """
+        with self._write():
+            old = self._one("SELECT id FROM chats WHERE platform = ? AND platform_chat_id = ?",
+                            [platform, str(old_chat_id)])
+            if old is None:
+                return None
+            new = self._one("SELECT id FROM chats WHERE platform = ? AND platform_chat_id = ?",
+                            [platform, str(new_chat_id)])
+            if new is None or new == old:
+                self.db.execute("UPDATE chats SET platform_chat_id = ? WHERE id = ?", [str(new_chat_id), old])
+                return int(old)
+            (old_mode, old_reset), (new_mode, new_reset) = (
+                self.db.execute("SELECT mode, reset_at FROM chats WHERE id = ?", [i]).fetchone() for i in (old, new))
+            resets = [r for r in (old_reset, new_reset) if r is not None]
+            # A reset in either chat still hides what came before it.
+            self.db.execute("UPDATE chats SET mode = ?, reset_at = ? WHERE id = ?",
+                            [new_mode or old_mode, max(resets) if resets else None, new])
+            self.db.execute("UPDATE messages SET chat_id = ? WHERE chat_id = ?", [new, old])
+            # Message ids are per chat on Telegram: an id the new chat already uses keeps its own reply.
+            self.db.execute("UPDATE OR IGNORE sent_messages SET chat_id = ? WHERE chat_id = ?", [new, old])
+            self.db.execute("DELETE FROM chats WHERE id = ?", [old])  # its leftover sent_messages go too
+            return int(new)
+
+    @_guarded
+    def mark_unreachable(self, platform: str, platform_chat_id: str, reason: str) -> None:
+        """The platform refuses to deliver to this chat (the user blocked the bot, it was removed)."""
+        with self._write():
+            self.db.execute(
+                """UPDATE chats SET unreachable_at = ?, unreachable_reason = ?
+                   WHERE platform = ? AND platform_chat_id = ?""",
+                [self._now(), reason, platform, str(platform_chat_id)])
+
+    @_guarded
+    def chat_reachable(self, platform: str, platform_chat_id: str, written_at: datetime) -> bool:
+        """Whether a reply to a message written at ``written_at`` (the platform's time) may be attempted.
+
+        False for messages written before the chat became unreachable (e.g. queued behind the reply that
+        found the bot blocked); a message written after it shows the chat is back, and clears the mark.
+        """
+        key = [platform, str(platform_chat_id)]
+        since = self._one("SELECT unreachable_at FROM chats WHERE platform = ? AND platform_chat_id = ?", key)
+        if since is None:
+            return True
+        if _iso(written_at) <= since:
+            return False
+        with self._write():
+            self.db.execute("""UPDATE chats SET unreachable_at = NULL, unreachable_reason = NULL
+                               WHERE platform = ? AND platform_chat_id = ?""", key)
+        return True
+
+    @_guarded
+    def remember_sent(self, platform: str, platform_chat_id: str, platform_message_ids: list[str],
+                      message_id: int) -> bool:
+        """Record that stored reply ``message_id`` was delivered as these platform messages; False (and
+        nothing written) when the reply is gone meanwhile (its user sent /forget)."""
+        with self._write():
+            chat = self._one(
+                """SELECT c.id FROM chats c JOIN messages m ON m.chat_id = c.id
+                   WHERE c.platform = ? AND c.platform_chat_id = ? AND m.id = ? AND m.direction = 'out'""",
+                [platform, str(platform_chat_id), message_id])
+            if chat is None:
+                return False
+            self.db.conn.executemany(
+                """INSERT INTO sent_messages (chat_id, platform_message_id, message_id) VALUES (?, ?, ?)
+                   ON CONFLICT (chat_id, platform_message_id) DO UPDATE SET message_id = excluded.message_id""",
+                [(chat, str(pid), message_id) for pid in platform_message_ids])
+        return True
+
+    @_guarded
+    def sent_reply(self, platform: str, platform_chat_id: str, platform_message_id: str) -> int | None:
+        """The stored reply delivered as this platform message, if it is one of ours."""
+        found = self._one(
+            """SELECT s.message_id FROM sent_messages s JOIN chats c ON c.id = s.chat_id
+               WHERE c.platform = ? AND c.platform_chat_id = ? AND s.platform_message_id = ?""",
+            [platform, str(platform_chat_id), str(platform_message_id)])
+        return None if found is None else int(found)
+
+    @_guarded
+    def get_setting(self, key: str) -> str | None:
+        return self._one("SELECT value FROM settings WHERE key = ?", [key])
+
+    @_guarded
+    def set_setting(self, key: str, value: str) -> None:
+        with self._write():
+            self.db.execute(
+                """INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)
+                   ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at""",
+                [key, value, self._now()])
+
+    @_guarded
     def reset(self, chat_id: int) -> None:
         """Start a fresh conversation: history() ignores everything before now."""
         with self._write():
@@ -446,6 +569,16 @@ class Store:
                 [message_id, user_id, value, self._now()])
         return True
 
+    @_guarded
+    def retract_feedback(self, *, message_id: int, platform: str, platform_user_id: str, value: int) -> bool:
+        """Withdraw a user's vote on a reply if it is still ``value`` (a removed 👍 must not delete the 👎
+        that replaced it); True when a vote went."""
+        with self._write():
+            return self.db.execute(
+                """DELETE FROM feedback WHERE message_id = ? AND value = ? AND user_id = (
+                       SELECT id FROM users WHERE platform = ? AND platform_user_id = ?)""",
+                [message_id, value, platform, str(platform_user_id)]).rowcount > 0
+
     # privacy and housekeeping -----------------------------------------------------------------------
 
     @_guarded
@@ -470,6 +603,7 @@ class Store:
             counts["feedback"] += self.db.execute(
                 f"DELETE FROM feedback WHERE user_id = :u OR message_id IN ({theirs}) "
                 f"OR message_id IN ({replies})", {"u": user_id}).rowcount
+            self.db.execute(f"DELETE FROM sent_messages WHERE message_id IN ({replies})", {"u": user_id})
             # Replies reference the incoming rows, so they must go first.
             counts["messages"] += self.db.execute(
                 f"DELETE FROM messages WHERE id IN ({replies})", {"u": user_id}).rowcount
@@ -479,6 +613,7 @@ class Store:
                 counts["feedback"] += self.db.execute(
                     "DELETE FROM feedback WHERE message_id IN (SELECT id FROM messages WHERE chat_id = ?)",
                     [chat_id]).rowcount
+                self.db.execute("DELETE FROM sent_messages WHERE chat_id = ?", [chat_id])
                 counts["messages"] += self.db.execute(
                     "DELETE FROM messages WHERE chat_id = ? AND direction = 'out'", [chat_id]).rowcount
                 counts["messages"] += self.db.execute(
@@ -503,6 +638,8 @@ class Store:
         replies = f"SELECT id FROM messages WHERE reply_to IN ({old})"
         with self._write():
             self.db.execute(f"DELETE FROM feedback WHERE message_id IN ({old}) OR message_id IN ({replies})",
+                            {"cutoff": cutoff})
+            self.db.execute(f"DELETE FROM sent_messages WHERE message_id IN ({old}) OR message_id IN ({replies})",
                             {"cutoff": cutoff})
             # A reply can be newer than the cutoff; it goes with its question, and before it (foreign key).
             deleted = self.db.execute(f"DELETE FROM messages WHERE id IN ({replies})",
@@ -677,6 +814,14 @@ class AsyncStore:
     history = _offload(Store.history)
     unanswered = _offload(Store.unanswered)
     add_feedback = _offload(Store.add_feedback)
+    retract_feedback = _offload(Store.retract_feedback)
+    migrate_chat = _offload(Store.migrate_chat)
+    mark_unreachable = _offload(Store.mark_unreachable)
+    chat_reachable = _offload(Store.chat_reachable)
+    remember_sent = _offload(Store.remember_sent)
+    sent_reply = _offload(Store.sent_reply)
+    get_setting = _offload(Store.get_setting)
+    set_setting = _offload(Store.set_setting)
     forget_user = _offload(Store.forget_user)
     purge_older_than = _offload(Store.purge_older_than)
     stats = _offload(Store.stats)

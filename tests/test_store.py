@@ -68,12 +68,12 @@ def test_new_migration_is_applied_once_in_order(tmp_path: Path, monkeypatch: pyt
         calls.append("v2")
         db.execute("ALTER TABLE chats ADD COLUMN language TEXT")
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, ("v2_chat_language", add_column)])
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, ("v9_chat_language", add_column)])
     for _ in range(2):
         with Store.open(path) as s:
             assert "language" in s.db["chats"].columns_dict
             names = [r["name"] for r in s.db.query("SELECT name FROM _migrations ORDER BY id")]
-            assert names == ["v1_initial_schema", "v2_chat_language"]
+            assert names == [*(name for name, _ in MIGRATIONS), "v9_chat_language"]
     assert calls == ["v2"]
 
 
@@ -264,6 +264,102 @@ def test_feedback_upserts_and_rejects_bad_targets(store: Store) -> None:
         with pytest.raises(ValueError):
             store.add_feedback(message_id=reply, platform="telegram", platform_user_id="u", value=bad)
     assert count(store, "feedback") == 2
+
+
+def test_retracting_a_vote_removes_it_only_while_it_is_still_that_vote(store: Store) -> None:
+    chat = store.ensure_chat("discord", "c")
+    _, reply = exchange(store, chat, store.ensure_user("discord", "u"), "q", "a")
+    store.add_feedback(message_id=reply, platform="discord", platform_user_id="u", value=1)
+    store.add_feedback(message_id=reply, platform="discord", platform_user_id="u", value=-1)  # replaces the 👍
+    assert not store.retract_feedback(message_id=reply, platform="discord", platform_user_id="u", value=1)
+    assert count(store, "feedback") == 1
+    assert store.retract_feedback(message_id=reply, platform="discord", platform_user_id="u", value=-1)
+    assert count(store, "feedback") == 0
+    assert not store.retract_feedback(message_id=reply, platform="discord", platform_user_id="nobody", value=1)
+
+
+# --- platform bookkeeping -----------------------------------------------------------------------------
+
+def test_a_migrated_chat_keeps_its_mode_history_and_deliveries_under_the_new_id(store: Store) -> None:
+    chat = store.ensure_chat("telegram", "-100")
+    user = store.ensure_user("telegram", "u")
+    _, reply = exchange(store, chat, user, "hi", "hello")
+    store.set_mode(chat, "sentiment")
+    assert store.remember_sent("telegram", "-100", ["55"], reply)
+
+    assert store.migrate_chat("telegram", "-100", "-1001234") == chat
+    assert store.ensure_chat("telegram", "-1001234") == chat                 # the same row, renamed
+    assert count(store, "chats") == 1 and store.get_mode(chat) == "sentiment"
+    assert store.history(chat) == [("user", "hi"), ("assistant", "hello")]
+    assert store.sent_reply("telegram", "-1001234", "55") == reply
+    assert store.sent_reply("telegram", "-100", "55") is None
+    assert store.migrate_chat("telegram", "-100", "-1001234") is None         # a second notice: nothing to do
+
+
+def test_a_migrated_chat_merges_into_a_chat_that_already_exists_under_the_new_id(store: Store) -> None:
+    old, new = store.ensure_chat("telegram", "-100"), store.ensure_chat("telegram", "-1001234")
+    user = store.ensure_user("telegram", "u")
+    store.set_mode(old, "qa")
+    _, old_reply = exchange(store, old, user, "before", "answer before")
+    store.remember_sent("telegram", "-100", ["10", "11"], old_reply)
+    store.reset(old)
+    _, new_reply = exchange(store, new, user, "after", "answer after")
+    store.remember_sent("telegram", "-1001234", ["11"], new_reply)            # ids are per chat: 11 again
+
+    assert store.migrate_chat("telegram", "-100", "-1001234") == new
+    assert [r["platform_chat_id"] for r in store.db.query("SELECT platform_chat_id FROM chats")] == ["-1001234"]
+    assert store.get_mode(new) == "qa"                                        # the new chat chose none
+    assert count(store, "messages", "chat_id = ?", (new,)) == 4
+    assert store.history(new) == [("user", "after"), ("assistant", "answer after")]  # the old reset holds
+    assert store.sent_reply("telegram", "-1001234", "10") == old_reply
+    assert store.sent_reply("telegram", "-1001234", "11") == new_reply
+    assert store.db.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+def test_an_unreachable_chat_gets_no_replies_to_older_messages_until_it_writes_again(store: Store) -> None:
+    store.ensure_chat("telegram", "7")
+    before = datetime.now(UTC)
+    assert store.chat_reachable("telegram", "7", before)
+    store.mark_unreachable("telegram", "7", "Forbidden: bot was blocked by the user")
+    assert store.db["chats"].get(1)["unreachable_reason"] == "Forbidden: bot was blocked by the user"
+    assert not store.chat_reachable("telegram", "7", before)                 # queued before the block
+    assert not store.chat_reachable("telegram", "7", before)
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    assert store.chat_reachable("telegram", "7", later)                      # the user wrote again
+    assert store.chat_reachable("telegram", "7", before)                     # the mark is gone
+    assert store.db["chats"].get(1)["unreachable_at"] is None
+    assert store.chat_reachable("telegram", "unknown", before)
+
+
+def test_delivery_records_go_with_forget_and_retention(store: Store) -> None:
+    chat = store.ensure_chat("discord", "c")
+    ann, bob = store.ensure_user("discord", "ann"), store.ensure_user("discord", "bob")
+    ann_in, ann_reply = exchange(store, chat, ann, "ann", "to ann")
+    old_in, old_reply = exchange(store, chat, bob, "bob old", "to bob old")
+    _, bob_reply = exchange(store, chat, bob, "bob", "to bob")
+    for pid, reply in (("1", ann_reply), ("2", ann_reply), ("3", old_reply), ("4", bob_reply)):
+        store.remember_sent("discord", "c", [pid], reply)
+    assert not store.remember_sent("discord", "c", ["5"], ann_in)            # not a reply
+    assert not store.remember_sent("discord", "other", ["5"], bob_reply)     # not that chat's
+
+    store.forget_user("discord", "ann")
+    assert [r[0] for r in store.db.execute("SELECT platform_message_id FROM sent_messages ORDER BY 1")] == [
+        "3", "4"]
+    backdate(store, old_in, 40)
+    store.purge_older_than(30)
+    assert [r[0] for r in store.db.execute("SELECT platform_message_id FROM sent_messages")] == ["4"]
+    assert store.sent_reply("discord", "c", "3") is None and store.sent_reply("discord", "c", "4") == bob_reply
+    assert not store.remember_sent("discord", "c", ["6"], ann_reply)          # forgotten meanwhile
+    assert store.db.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+def test_settings_round_trip_and_survive_a_reopen(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "bot.db") as s:
+        assert s.get_setting("discord.commands") is None
+        s.set_setting("discord.commands", "abc")
+        s.set_setting("discord.commands", "def")
+    with Store.open(tmp_path / "bot.db") as s:
+        assert s.get_setting("discord.commands") == "def"
 
 
 # --- privacy and housekeeping -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Small pieces every transport needs: per-chat ordering, a bounded id map, keeping tokens out of logs."""
+"""Small pieces every transport needs: per-chat ordering, text attachments, keeping tokens out of logs."""
 
 from __future__ import annotations
 
@@ -6,12 +6,7 @@ import asyncio
 import contextlib
 import logging
 import traceback
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Generic, TypeVar
-
-K = TypeVar("K")
-V = TypeVar("V")
 
 TEXT_FILE_LIMIT = 256 * 1024  # bytes: .txt context files above this are refused without downloading
 
@@ -39,26 +34,6 @@ class ChatLocks:
 
     def __len__(self) -> int:
         return len(self._locks)
-
-
-class BoundedMap(Generic[K, V]):
-    """A dict that forgets its oldest entries beyond ``size`` (platform message id -> stored reply id)."""
-
-    def __init__(self, size: int = 10_000) -> None:
-        self.size = size
-        self._items: OrderedDict[K, V] = OrderedDict()
-
-    def __setitem__(self, key: K, value: V) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-
-    def get(self, key: K) -> V | None:
-        return self._items.get(key)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def file_too_large(size: int) -> str:

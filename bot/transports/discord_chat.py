@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import discord
@@ -28,7 +31,6 @@ from bot.errors import LorabotError
 from bot.messages import Incoming
 from bot.transports.common import (
     TEXT_FILE_LIMIT,
-    BoundedMap,
     ChatLocks,
     decode_text_file,
     file_too_large,
@@ -36,7 +38,7 @@ from bot.transports.common import (
     register_secret,
     unregister_secret,
 )
-from bot.transports.outbox import Outbox, typing_indicator
+from bot.transports.outbox import ChatUnreachable, MessageGone, Outbox, typing_indicator
 from bot.transports.split import split_message, utf16_len
 
 log = logging.getLogger(__name__)
@@ -136,32 +138,51 @@ class ChannelOutbox(Outbox):
         return split_for_discord(text)
 
     async def send(self, text: str, *, first: bool, last: bool, partial: bool = False) -> discord.Message:
-        channel = self.message.channel
-        if first and self.message.guild is not None:
-            return await self.message.reply(text, mention_author=False, suppress_embeds=True)
-        return await channel.send(text, suppress_embeds=True)
+        try:
+            if first and self.message.guild is not None:
+                return await self.message.reply(text, mention_author=False, suppress_embeds=True)
+            return await self.message.channel.send(text, suppress_embeds=True)
+        except discord.Forbidden as exc:  # no permission in the channel, or the user accepts no DMs
+            raise ChatUnreachable(str(exc)) from exc
 
     async def edit(self, handle: discord.Message, text: str, *, last: bool, partial: bool = False) -> None:
-        await handle.edit(content=text)
+        try:
+            await handle.edit(content=text)
+        except discord.NotFound as exc:
+            raise MessageGone(str(exc)) from exc
 
 
 class InteractionOutbox(Outbox):
-    """A reply to a deferred slash command: the original response grows, further chunks are follow-ups."""
+    """A reply to a deferred slash command: the original response grows, further chunks are follow-ups.
+
+    If the user deletes the original response, the answer continues in a follow-up message.
+    """
 
     def __init__(self, interaction: discord.Interaction, interval: float) -> None:
         super().__init__(interval)
         self.interaction = interaction
+        self._original_gone = False
 
     def split(self, text: str) -> list[str]:
         return split_for_discord(text)
 
     async def send(self, text: str, *, first: bool, last: bool, partial: bool = False) -> discord.Message:
-        if first:
-            return await self.interaction.edit_original_response(content=text)
+        if first and not self._original_gone:
+            try:
+                return await self.interaction.edit_original_response(content=text)
+            except discord.NotFound:
+                self._original_gone = True
         return await self.interaction.followup.send(text, wait=True, suppress_embeds=True)
 
     async def edit(self, handle: discord.Message, text: str, *, last: bool, partial: bool = False) -> None:
-        await self.interaction.edit_original_response(content=text)
+        try:
+            if self._original_gone:  # the handle is a follow-up
+                await handle.edit(content=text)
+            else:
+                await self.interaction.edit_original_response(content=text)
+        except discord.NotFound as exc:
+            self._original_gone = True
+            raise MessageGone(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------- the transport
@@ -172,16 +193,16 @@ class _Client(discord.Client):
         self.transport = transport
 
     async def setup_hook(self) -> None:
-        try:  # slash commands are registered at every start, so they always match this version
-            await self.transport.tree.sync()
-        except discord.HTTPException as exc:  # mentions and DMs still work without them
-            log.warning("could not register the slash commands: %s", exc)
+        await self.transport.sync_commands()
 
     async def on_message(self, message: discord.Message) -> None:
         await self.transport.on_message(message)
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        await self.transport.on_reaction(payload)
+        await self.transport.on_reaction(payload, added=True)
+
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        await self.transport.on_reaction(payload, added=False)
 
 
 class DiscordTransport:
@@ -202,9 +223,16 @@ class DiscordTransport:
         self.tree = app_commands.CommandTree(self.client)
         self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
         self._register_commands()
-        self.replies: BoundedMap[int, int] = BoundedMap(10_000)  # Discord message id -> stored reply id
         self._locks = ChatLocks()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._refresh: asyncio.Task[None] | None = None
+        self._sync_lock = asyncio.Lock()
+        self._serving = False
+        # Resolves with the reason when the gateway connection ends on its own, for good: discord.py
+        # reconnects (with backoff) after network trouble, so this means a fatal close or a crash.
+        self.lost: asyncio.Future[str] | None = None
+        core.reload_listeners.append(self._adapters_reloaded)
 
     @property
     def interval(self) -> float:
@@ -220,8 +248,9 @@ class DiscordTransport:
         except (discord.HTTPException, OSError) as exc:
             await self.stop()
             raise LorabotError(f"cannot reach Discord: {redact(str(exc))}") from None
+        self.lost = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self.client.connect(), name="lorabot-discord")
-        self._task.add_done_callback(_connection_ended)
+        self._task.add_done_callback(self._connection_ended)
         ready = asyncio.create_task(self.client.wait_until_ready())
         done, _ = await asyncio.wait({self._task, ready}, timeout=READY_TIMEOUT_S, return_when="FIRST_COMPLETED")
         if ready not in done:
@@ -232,10 +261,20 @@ class DiscordTransport:
                 raise LorabotError("Discord refused the Message Content intent: enable it for the bot in the "
                                    "Discord developer portal (Bot → Privileged Gateway Intents)")
             raise LorabotError(f"could not connect to the Discord gateway: {redact(str(error or 'timed out'))}")
+        self._serving = True
         log.info("Discord bot %s is running", self.client.user)
+        if self._task.done():  # it ended in the same moment it became ready
+            self._connection_ended(self._task)
 
     async def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(ValueError):
+            self.core.reload_listeners.remove(self._adapters_reloaded)
         try:
+            if self._refresh is not None:
+                self._refresh.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await self._refresh
             await self.client.close()
             if self._task is not None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -244,7 +283,65 @@ class DiscordTransport:
         finally:
             unregister_secret(self._token)
 
+    def _connection_ended(self, task: asyncio.Task[None]) -> None:
+        if self._stopping or not self._serving or self.lost is None or self.lost.done():
+            return  # asked to stop, or start() reports the failure itself
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, discord.ConnectionClosed):
+            reason = f"the Discord gateway closed the connection with code {error.code} ({redact(str(error))})"
+        elif error is not None:
+            reason = f"the Discord connection failed: {type(error).__name__}: {redact(str(error))}"
+        else:
+            reason = "the Discord connection ended"
+        log.error("%s", reason, exc_info=error)
+        self.lost.set_result(reason)
+
     # ------------------------------------------------------------------ slash commands
+    def commands_payload(self) -> list[dict[str, Any]]:
+        """What a sync sends to Discord: every command with its options and choices."""
+        return [command.to_dict(self.tree) for command in self.tree.get_commands()]
+
+    async def sync_commands(self) -> None:
+        """Register the slash commands with Discord unless the very same definition was synced before.
+
+        Discord limits how often commands may be re-registered, and a sync at every start would spend
+        that on nothing. The hash of what was synced is kept in the database, per application.
+        """
+        async with self._sync_lock:
+            payload = json.dumps(self.commands_payload(), sort_keys=True, ensure_ascii=False)
+            digest = hashlib.sha256(payload.encode()).hexdigest()
+            key = f"discord.commands_synced.{self.client.application_id}"
+            if await self.core.store.get_setting(key) == digest:
+                log.info("Discord slash commands unchanged since the last sync; not synced again")
+                return
+            try:
+                await self.tree.sync()
+            except discord.HTTPException as exc:  # mentions and DMs still work without them
+                log.warning("could not register the slash commands: %s", exc)
+                return
+            await self.core.store.set_setting(key, digest)
+            log.info("Discord slash commands synced")
+
+    async def _adapters_reloaded(self) -> None:
+        # The /mode and /compare choices list the adapters: rebuild them, and sync if they changed.
+        # In the background, so the /reload answer does not wait for Discord.
+        if self._stopping:
+            return
+        self.tree.clear_commands(guild=None)
+        self._register_commands()
+        previous = self._refresh
+
+        async def refresh() -> None:
+            if previous is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await previous
+            try:
+                await self.sync_commands()
+            except Exception:
+                log.exception("could not refresh the Discord slash commands after /reload")
+
+        self._refresh = asyncio.create_task(refresh(), name="lorabot-discord-commands")
+
     def _register_commands(self) -> None:
         """One slash command per core command, with typed options; each becomes the same typed command."""
         modes = self.core.modes()
@@ -344,10 +441,10 @@ class DiscordTransport:
         text_file = _text_attachment(message, reply_to) if wanted else None
         if text_file is not None and self.core.access.allowed(incoming):
             if text_file.size > TEXT_FILE_LIMIT:
-                await outbox.finish(file_too_large(text_file.size))
+                await self._deliver(incoming, outbox, file_too_large(text_file.size))
                 return
             incoming = _with_attachment(incoming, decode_text_file(await text_file.read()))
-        await self._answer(incoming, outbox, typing=lambda: message.channel.typing())
+        await self._answer(incoming, outbox, typing=lambda: message.channel.typing(), written_at=message.created_at)
 
     async def _referenced(self, message: discord.Message) -> discord.Message | None:
         ref = message.reference
@@ -363,38 +460,53 @@ class DiscordTransport:
             log.info("could not fetch the replied-to message: %s", exc)
             return None
 
-    async def on_reaction(self, payload: discord.RawReactionActionEvent) -> None:
+    async def on_reaction(self, payload: discord.RawReactionActionEvent, *, added: bool) -> None:
+        """A 👍/👎 on one of our replies is a vote, removing it takes the vote back. The reply is found
+        through the database, so votes on answers given before a restart count too."""
         me = self.client.user
         value = vote(str(payload.emoji))
-        reply_id = self.replies.get(payload.message_id)
-        if me is None or payload.user_id == me.id or value is None or reply_id is None:
+        if me is None or payload.user_id == me.id or value is None:
             return
-        result = await self.core.feedback(PLATFORM, str(payload.user_id), reply_id, value)
+        reply_id = await self.core.store.sent_reply(PLATFORM, str(payload.channel_id), str(payload.message_id))
+        if reply_id is None:
+            return  # not one of our replies
+        user = str(payload.user_id)
+        if added:
+            result = await self.core.feedback(PLATFORM, user, reply_id, value)
+        else:
+            result = "retracted" if await self.core.retract_feedback(PLATFORM, user, reply_id, value) else "no vote"
         log.debug("feedback on reply %s: %s", reply_id, result)
 
     # ------------------------------------------------------------------ answering
     async def _answer(
         self, incoming: Incoming, outbox: Outbox, typing: Callable[[], Awaitable[Any]] | None = None,
+        written_at: datetime | None = None,
     ) -> None:
         async with self._locks.hold(incoming.chat_id):
             try:
+                # Checked in turn: messages queued behind the reply that found the channel closed wait here.
+                if written_at is not None and not await self.core.store.chat_reachable(
+                        PLATFORM, incoming.chat_id, written_at):
+                    log.info("Discord channel %s refuses the bot; not answering a message written before that",
+                             incoming.chat_id)
+                    return
                 async with typing_indicator(typing) if typing else contextlib.nullcontext():
                     reply = await self.core.handle(incoming, stream=outbox.stream)
             except Exception:
                 await outbox.abandon()
                 log.exception("could not answer a Discord message")
                 # Last resort for failures outside the core's own handling (e.g. the database is down).
-                await outbox.finish("Sorry, something went wrong on my side; please try again later.")
+                await self._deliver(incoming, outbox, "Sorry, something went wrong on my side; please try again later.")
                 return
             if reply is None:
                 await outbox.abandon()
                 if isinstance(outbox, InteractionOutbox):
                     await outbox.interaction.delete_original_response()
                 return
-            handles = await outbox.finish(reply.text)
+            handles = await self._deliver(incoming, outbox, reply.text)
         if reply.feedback and reply.message_id is not None and handles:
-            for handle in handles:
-                self.replies[handle.id] = reply.message_id
+            await self.core.store.remember_sent(PLATFORM, incoming.chat_id, [str(h.id) for h in handles],
+                                                reply.message_id)
             for emoji in VOTES:  # offered on the last message; a vote on any part counts
                 try:
                     await handles[-1].add_reaction(emoji)
@@ -402,11 +514,15 @@ class DiscordTransport:
                     log.info("could not add the feedback reactions: %s", exc)
                     break
 
-
-def _connection_ended(task: asyncio.Task[None]) -> None:
-    # discord.py reconnects on network trouble by itself; anything that ends the task is final.
-    if not task.cancelled() and task.exception() is not None:
-        log.error("the Discord connection ended: %s", task.exception(), exc_info=task.exception())
+    async def _deliver(self, incoming: Incoming, outbox: Outbox, text: str) -> list[Any]:
+        """The final text; a channel that refuses the bot is marked, so nothing more is attempted there
+        until someone writes in it again."""
+        try:
+            return await outbox.finish(text)
+        except ChatUnreachable as exc:
+            log.info("Discord channel %s cannot be reached (%s); marked", incoming.chat_id, exc)
+            await self.core.store.mark_unreachable(PLATFORM, incoming.chat_id, str(exc))
+            return []
 
 
 def _bind(run: Any, text: str) -> Any:

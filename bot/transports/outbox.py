@@ -17,6 +17,15 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+class MessageGone(Exception):
+    """The message to edit no longer exists (a user deleted it, or its chat moved): post a new one."""
+
+
+class ChatUnreachable(Exception):
+    """The platform refuses to deliver to this chat (the user blocked the bot, it was removed from the
+    group); retrying cannot help, so the reply stops and the transport marks the chat."""
+
+
 class Outbox(ABC):
     """Shows a streamed answer by editing one message at most once per ``interval`` seconds, then delivers
     the final text (split to the platform limit) with a final edit plus further messages.
@@ -39,6 +48,7 @@ class Outbox(ABC):
         self._changed = asyncio.Event()
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._unreachable: ChatUnreachable | None = None
 
     # ------------------------------------------------------------------ platform hooks
     @abstractmethod
@@ -52,7 +62,7 @@ class Outbox(ABC):
 
     @abstractmethod
     async def edit(self, handle: Any, text: str, *, last: bool, partial: bool = False) -> None:
-        """Replace the text of a message this outbox posted."""
+        """Replace the text of a message this outbox posted; ``MessageGone`` when it no longer exists."""
 
     def backoff(self, exc: BaseException) -> float | None:
         """Seconds the platform asked us to wait if ``exc`` is a rate-limit answer, else None."""
@@ -87,6 +97,11 @@ class Outbox(ABC):
                 else:
                     await self.edit(self._handle, text, last=False, partial=True)
                 self._shown = text
+            except MessageGone:  # deleted under us: the next text goes into a new message
+                self._handle, self._shown = None, None
+            except ChatUnreachable as exc:  # nothing more can be shown: stop trying
+                self._unreachable = exc
+                return
             except Exception as exc:  # a lost partial edit is harmless: the final text follows
                 delay = self.backoff(exc)
                 if delay is not None:
@@ -95,22 +110,30 @@ class Outbox(ABC):
 
     # ------------------------------------------------------------------ final delivery
     async def finish(self, text: str) -> list[Any]:
-        """Deliver the complete reply; returns the handles of its messages, in order."""
+        """Deliver the complete reply; returns the handles of its messages, in order.
+
+        Raises ``ChatUnreachable`` (without trying again) when the chat refused the streamed text already.
+        """
         self._closing.set()
         self._changed.set()  # wake the pump if it waits for text, so it sees it must stop
         if self._task is not None:
             await self._task  # let an edit in flight land, so it cannot overwrite the final text
+        if self._unreachable is not None:
+            raise self._unreachable
         chunks = self.split(text) or ["…"]
         handles: list[Any] = []
+        last = len(chunks) == 1
         if self._handle is None:
-            handles.append(await self.send(chunks[0], first=True, last=len(chunks) == 1))
+            handles.append(await self.send(chunks[0], first=True, last=last))
         else:
-            last = len(chunks) == 1
             if chunks[0] != self._shown or (last and self.marks_last):
                 wait = self._next_at - self._clock()
                 if wait > 0:  # keep to the edit pace even for the final edit: platforms punish bursts
                     await asyncio.sleep(wait)
-                await self.edit(self._handle, chunks[0], last=last)
+                try:
+                    await self.edit(self._handle, chunks[0], last=last)
+                except MessageGone:  # the partial message was deleted: the answer still arrives
+                    self._handle = await self.send(chunks[0], first=True, last=last)
             handles.append(self._handle)
         for i, chunk in enumerate(chunks[1:], start=2):
             handles.append(await self.send(chunk, first=False, last=i == len(chunks)))

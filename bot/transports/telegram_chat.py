@@ -50,8 +50,9 @@ from bot.transports.common import (
     register_secret,
     unregister_secret,
 )
-from bot.transports.outbox import Outbox, typing_indicator
+from bot.transports.outbox import ChatUnreachable, MessageGone, Outbox, typing_indicator
 from bot.transports.split import split_message, utf16_len
+from bot.transports.telegram_pacing import TelegramLimits, TelegramPacer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,9 +60,12 @@ T = TypeVar("T")
 PLATFORM = "telegram"
 ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
 POLL_TIMEOUT_S = 30          # long-poll duration; stop() cancels a poll in flight
+POLLING_TASK = "Updater:start_polling:polling_task"  # the name PTB 22 gives its polling loop's task
 SEND_ATTEMPTS = 5
 NO_PREVIEW = LinkPreviewOptions(is_disabled=True)  # links in model output must not unfurl into cards
 _FEEDBACK = re.compile(r"fb:(\d{1,18}):(1|-1)")
+# BadRequest texts for an edit whose message is gone (deleted, or too old to edit): post anew instead.
+_EDIT_GONE = ("message to edit not found", "message can't be edited")
 
 
 # ---------------------------------------------------------------------- conversion (pure)
@@ -179,16 +183,25 @@ async def retrying(call: Callable[[], Awaitable[T]], what: str, attempts: int = 
     raise AssertionError("unreachable")
 
 
+ChatMoved = Callable[[int, int], Awaitable[None]]
+"""Told (old chat id, new chat id) when Telegram says a group became a supergroup."""
+
+
 class TelegramOutbox(Outbox):
-    """One reply in one chat: threaded under the user's message in groups, feedback buttons on the last."""
+    """One reply in one chat: threaded under the user's message in groups, feedback buttons on the last.
+
+    A group upgraded to a supergroup is followed to its new id (Telegram refuses the old one from then
+    on); a chat that refuses the bot (blocked, removed) ends the reply with ``ChatUnreachable``.
+    """
 
     marks_last = True
 
     def __init__(self, app: Application, chat_id: int, *, reply_to: int | None, thread_id: int | None,
-                 interval: float):
+                 interval: float, moved: ChatMoved | None = None):
         super().__init__(interval)
         self.app, self.chat_id, self.reply_to, self.thread_id = app, chat_id, reply_to, thread_id
         self.markup: InlineKeyboardMarkup | None = None
+        self._moved = moved
 
     def split(self, text: str) -> list[str]:
         return split_message(text, MessageLimit.MAX_TEXT_LENGTH, size=utf16_len, fences=False)
@@ -196,17 +209,31 @@ class TelegramOutbox(Outbox):
     def backoff(self, exc: BaseException) -> float | None:
         return retry_after_seconds(exc) if isinstance(exc, RetryAfter) else None
 
-    async def send(self, text: str, *, first: bool, last: bool, partial: bool = False) -> Message:
-        reply = ReplyParameters(self.reply_to, allow_sending_without_reply=True) if first and self.reply_to else None
+    async def _follow(self, exc: ChatMigrated) -> None:
+        old, self.chat_id = self.chat_id, exc.new_chat_id
+        self.reply_to = None  # message ids are per chat: the old one means nothing in the new chat
+        log.info("Telegram chat %s became supergroup %s; following it", old, self.chat_id)
+        if self._moved is not None:
+            await self._moved(old, self.chat_id)
 
+    async def send(self, text: str, *, first: bool, last: bool, partial: bool = False) -> Message:
         def call() -> Awaitable[Message]:
+            reply = ReplyParameters(self.reply_to, allow_sending_without_reply=True) if (
+                first and self.reply_to) else None
             return self.app.bot.send_message(
                 self.chat_id, text, reply_parameters=reply, message_thread_id=self.thread_id,
                 reply_markup=self.markup if last else None, link_preview_options=NO_PREVIEW,
             )
 
-        # A partial text is not worth retrying: the pump shows newer text after the backoff instead.
-        return await (call() if partial else retrying(call, "sendMessage"))
+        for _ in range(2):  # a chat moves once: the second try goes to the supergroup
+            try:
+                # A partial text is not worth retrying: the pump shows newer text after the backoff instead.
+                return await (call() if partial else retrying(call, "sendMessage"))
+            except ChatMigrated as exc:
+                await self._follow(exc)
+            except Forbidden as exc:
+                raise ChatUnreachable(str(exc)) from exc
+        raise ChatUnreachable(f"chat {self.chat_id} keeps moving")
 
     async def edit(self, handle: Message, text: str, *, last: bool, partial: bool = False) -> None:
         def call() -> Awaitable[Any]:
@@ -217,8 +244,16 @@ class TelegramOutbox(Outbox):
 
         try:
             await (call() if partial else retrying(call, "editMessageText"))
+        except ChatMigrated as exc:  # the message stays behind in the old group
+            await self._follow(exc)
+            raise MessageGone(str(exc)) from exc
+        except Forbidden as exc:
+            raise ChatUnreachable(str(exc)) from exc
         except BadRequest as exc:
-            if "not modified" not in str(exc).lower():
+            reason = str(exc).lower()
+            if any(gone in reason for gone in _EDIT_GONE):
+                raise MessageGone(str(exc)) from exc
+            if "not modified" not in reason:
                 raise
 
 
@@ -227,10 +262,13 @@ class TelegramOutbox(Outbox):
 class TelegramTransport:
     """Connects the core to one Telegram bot; ``start()``/``stop()`` inside a running event loop."""
 
-    def __init__(self, core: Core, config: Config, token: str) -> None:
+    def __init__(self, core: Core, config: Config, token: str, *, limits: TelegramLimits | None = None) -> None:
         if not token:
             raise LorabotError(f"no Telegram bot token: set the {config.telegram.token_env} environment variable")
         self.core, self.config, self._token = core, config, token
+        self.limits = limits or TelegramLimits()
+        # Resolves with the reason when updates stop arriving for good (see _watch_polling).
+        self.lost: asyncio.Future[str] | None = None
         self.app: Application | None = None
         self._locks = ChatLocks()
         self._webhook: web.AppRunner | None = None
@@ -239,6 +277,7 @@ class TelegramTransport:
 
     def _build(self) -> Application:
         builder = Application.builder().token(self._token).concurrent_updates(True)
+        builder = builder.rate_limiter(TelegramPacer(self.limits))
         root = self.config.telegram.base_url.rstrip("/")
         if root:  # a self-hosted Bot API server (or a test server): "http://host:port"
             root = root.removesuffix("/bot")
@@ -252,6 +291,7 @@ class TelegramTransport:
         tg = self.config.telegram
         if tg.mode == "webhook" and not tg.webhook_url:
             raise LorabotError("telegram.mode is 'webhook' but telegram.webhook_url is empty")
+        self.lost = asyncio.get_running_loop().create_future()
         app = self.app = self._build()
         app.add_handler(TypeHandler(Update, self._on_update))
         app.add_error_handler(self._on_error)
@@ -271,10 +311,33 @@ class TelegramTransport:
             await self._start_webhook()
         else:
             assert app.updater is not None
+            before = asyncio.all_tasks()
             await app.updater.start_polling(
                 timeout=POLL_TIMEOUT_S, allowed_updates=ALLOWED_UPDATES, bootstrap_retries=3,
             )
+            self._watch_polling(asyncio.all_tasks() - before)
         log.info("Telegram bot @%s is running (%s)", self.bot_username, tg.mode)
+
+    def _watch_polling(self, new_tasks: set[asyncio.Task[Any]]) -> None:
+        """Resolve ``lost`` when PTB's polling loop ends on its own. PTB retries network errors and 5xx
+        forever, but gives up on a token Telegram no longer accepts (revoked in @BotFather), and then the
+        bot would stay up without receiving anything."""
+        polling = [t for t in new_tasks if t.get_name() == POLLING_TASK]
+        lost = self.lost
+        if not polling or lost is None:
+            log.debug("PTB's polling task was not found; a lost connection will not end the process")
+            return
+
+        def ended(task: asyncio.Task[Any]) -> None:
+            if self.app is None or lost.done():
+                return  # stop() was called: an ordinary end
+            error = None if task.cancelled() else task.exception()
+            detail = f"{type(error).__name__}: {redact(str(error))}" if error is not None else "it stopped"
+            reason = f"Telegram polling ended ({detail})"
+            log.error("%s", reason)
+            lost.set_result(reason)
+
+        polling[0].add_done_callback(ended)
 
     async def stop(self) -> None:
         app, self.app = self.app, None
@@ -284,7 +347,10 @@ class TelegramTransport:
                 self._webhook = None
             if app is not None:
                 if app.updater is not None and app.updater.running:
-                    await app.updater.stop()
+                    try:
+                        await app.updater.stop()
+                    except TelegramError as exc:  # the polling loop's own end (e.g. a revoked token)
+                        log.info("Telegram polling had ended: %s", redact(str(exc)))
                 if app.running:
                     await app.stop()  # waits for replies being written
                 await app.shutdown()
@@ -334,6 +400,13 @@ class TelegramTransport:
             await self._on_callback(update.callback_query)
             return
         message = update.message or update.edited_message
+        if message is not None and (message.migrate_to_chat_id or message.migrate_from_chat_id):
+            # Telegram's notice that a group became a supergroup (in both chats): the chat moves with it.
+            if message.migrate_to_chat_id:
+                await self._chat_moved(message.chat_id, message.migrate_to_chat_id)
+            else:
+                await self._chat_moved(message.migrate_from_chat_id, message.chat_id)
+            return
         if message is None or message.from_user is None or message.from_user.is_bot:
             return  # channel posts, anonymous admins' and other bots' messages are not conversations
         if filters.StatusUpdate.ALL.check_update(update):
@@ -348,16 +421,22 @@ class TelegramTransport:
         outbox = TelegramOutbox(
             app, message.chat_id, reply_to=message.message_id if in_group else None,
             thread_id=message.message_thread_id if message.is_topic_message else None,
-            interval=self.config.telegram.edit_interval_s,
+            interval=self.config.telegram.edit_interval_s, moved=self._chat_moved,
         )
         async with self._locks.hold(incoming.chat_id):
             try:
+                # Checked in turn: messages queued behind the reply that found the bot blocked wait here.
+                written = message.edit_date or message.date
+                if not await self.core.store.chat_reachable(PLATFORM, incoming.chat_id, written):
+                    log.info("Telegram chat %s refuses the bot; not answering a message written before that",
+                             incoming.chat_id)
+                    return
                 incoming, refusal = await self._attach_file(message, incoming)
                 if refusal:
-                    await outbox.finish(refusal)
+                    await self._deliver(outbox, refusal)
                     return
                 async with typing_indicator(lambda: app.bot.send_chat_action(
-                    message.chat_id, ChatAction.TYPING, message_thread_id=outbox.thread_id,
+                    outbox.chat_id, ChatAction.TYPING, message_thread_id=outbox.thread_id,
                 )):
                     reply = await self.core.handle(incoming, stream=outbox.stream)
             except Exception:
@@ -366,14 +445,28 @@ class TelegramTransport:
                 # The core turns its own failures into replies; this is the last resort for the rest
                 # (e.g. the database is unavailable), so the user is not left waiting in silence.
                 if not (in_group and not incoming.addressed) and not edited:
-                    await outbox.finish("Sorry, something went wrong on my side; please try again later.")
+                    await self._deliver(outbox, "Sorry, something went wrong on my side; please try again later.")
                 return
             if reply is None:
                 await outbox.abandon()
                 return
             if reply.feedback and reply.message_id is not None:
                 outbox.markup = feedback_markup(reply.message_id)
-            await outbox.finish(reply.text)
+            await self._deliver(outbox, reply.text)
+
+    async def _deliver(self, outbox: TelegramOutbox, text: str) -> None:
+        """The final text; a chat that refuses the bot is marked, so nothing more is attempted there
+        until it writes again."""
+        try:
+            await outbox.finish(text)
+        except ChatUnreachable as exc:
+            log.info("Telegram chat %s cannot be reached (%s); marked", outbox.chat_id, exc)
+            await self.core.store.mark_unreachable(PLATFORM, str(outbox.chat_id), str(exc))
+
+    async def _chat_moved(self, old: int, new: int) -> None:
+        moved = await self.core.store.migrate_chat(PLATFORM, str(old), str(new))
+        if moved is not None:
+            log.info("Telegram group %s is now supergroup %s: its mode and history moved with it", old, new)
 
     async def _attach_file(self, message: Message, incoming: Incoming) -> tuple[Incoming, str | None]:
         """Download a .txt document (sent with, or replied to by, a text message) as QA context."""

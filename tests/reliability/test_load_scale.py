@@ -43,6 +43,7 @@ from bot.transports import discord_chat
 from bot.transports.discord_chat import DiscordTransport
 from bot.transports.telegram_chat import TelegramTransport
 from tests.transports import dc_server, tg_server
+from tests.transports.tg_harness import QUICK
 
 USERS = 200  # 100 on each platform
 PER_USER = 10
@@ -107,7 +108,7 @@ class Harness:
         monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(self.fake.gateway_url))
         monkeypatch.setattr(discord_chat, "GUILD_READY_TIMEOUT_S", 0.05)
         config = replace(self.config, telegram={"base_url": self.api.base_url, "edit_interval_s": 0.2})
-        self.telegram = TelegramTransport(self.core, config, tg_server.TOKEN)
+        self.telegram = TelegramTransport(self.core, config, tg_server.TOKEN, limits=QUICK)  # over Telegram's pace
         self.discord = DiscordTransport(self.core, config, dc_server.TOKEN)
         await asyncio.wait_for(self.telegram.start(), 20)
         await asyncio.wait_for(self.discord.start(), 20)

@@ -23,6 +23,7 @@ from bot.transports.discord_chat import DiscordTransport
 from bot.transports.telegram_chat import TelegramTransport
 from tests.fakes import FakeEngine
 from tests.transports import dc_server, tg_server
+from tests.transports.tg_harness import QUICK
 
 USERS = 20
 PER_USER = 5
@@ -73,7 +74,7 @@ async def test_telegram_under_load(tmp_path: Path, file_store: AsyncStore) -> No
     api = await tg_server.FakeBotAPI().start()
     config = _config(telegram={"base_url": api.base_url, "edit_interval_s": 0.2})
     transport = TelegramTransport(Core(config, FakeEngine(story_words=30, delay=0.001), file_store), config,
-                                  tg_server.TOKEN)
+                                  tg_server.TOKEN, limits=QUICK)  # faster than Telegram's pace, on purpose
     try:
         await asyncio.wait_for(transport.start(), 20)
         for k in range(PER_USER):

@@ -6,9 +6,14 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import discord
 import pytest
+import yarl
 
 from bot.store import AsyncStore
+from bot.transports import discord_chat
+from tests.transports.dc_server import FakeDiscord
+from tests.transports.tg_server import FakeBotAPI
 
 
 @pytest.fixture
@@ -37,3 +42,26 @@ def query(db_path: Path) -> Callable[..., list[tuple]]:
             conn.close()
 
     return run
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeBotAPI]:
+    """The loopback Telegram Bot API server."""
+    server = await FakeBotAPI().start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
+    """The loopback Discord gateway and REST API, with discord.py pointed at it."""
+    server = await FakeDiscord().start()
+    monkeypatch.setattr(discord.http.Route, "BASE", server.api_base)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(server.gateway_url))
+    monkeypatch.setattr(discord_chat, "GUILD_READY_TIMEOUT_S", 0.05)  # the fake sends every guild at once
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -2,8 +2,10 @@
 
 discord.py is pointed at it by overriding ``discord.http.Route.BASE`` and
 ``discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY`` (tests do this with monkeypatch). The gateway speaks
-HELLO, IDENTIFY -> READY, heartbeat ACKs, and dispatches whatever events the test sends. Every REST request
-is recorded; any route can be made to answer 429 (with Discord's headers) a number of times.
+HELLO, IDENTIFY -> READY, heartbeat ACKs, and dispatches whatever events the test sends; it can close the
+connection with a close code or send a frame that is not JSON. Every REST request is recorded; any route can
+be made to answer 429 (with Discord's headers) a number of times; a message (or an interaction's original
+response) the test deletes answers 404 Unknown Message, as Discord does.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class FakeDiscord:
         self.files: dict[str, bytes] = {}
         self.messages: dict[int, dict[str, Any]] = {}  # every message the fake knows, by id
         self.originals: dict[str, dict[str, Any]] = {}  # interaction token -> its original response
+        self.deleted_originals: set[str] = set()          # interaction tokens whose response a user deleted
+        self.connections = 0                              # gateway connections made
+        self.closed_channels: set[int] = set()            # channels the bot may not post in (e.g. blocked DMs)
         self._ids = itertools.count(900_000)
         self._seq = itertools.count(1)
         self._failures: dict[tuple[str, str], list[float]] = {}
@@ -97,6 +102,21 @@ class FakeDiscord:
         assert self._ws is not None
         await self._ws.send_json({"op": 0, "t": event, "s": next(self._seq), "d": data})
 
+    async def close_gateway(self, code: int, reason: str = "") -> None:
+        """Close the gateway connection the way Discord does, e.g. 4004 "Authentication failed"."""
+        await asyncio.wait_for(self._ready.wait(), 5)
+        assert self._ws is not None
+        await self._ws.close(code=code, message=reason.encode())
+
+    async def send_raw(self, text: str) -> None:
+        """Send a frame as it is (e.g. one that is not JSON)."""
+        await asyncio.wait_for(self._ready.wait(), 5)
+        assert self._ws is not None
+        await self._ws.send_str(text)
+
+    def delete_message(self, message_id: int) -> None:
+        self.messages.pop(message_id, None)
+
     def of(self, method: str, path_part: str) -> list[Request]:
         return [r for r in self.requests if r.method == method and path_part in r.path]
 
@@ -130,6 +150,7 @@ class FakeDiscord:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self._ws = ws
+        self.connections += 1
         await ws.send_json({"op": 10, "d": {"heartbeat_interval": 45_000}, "s": None, "t": None})
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
@@ -191,6 +212,9 @@ class FakeDiscord:
             return web.Response(status=204)
         if parts[0] == "channels" and "reactions" in parts:
             return web.Response(status=204)
+        if parts[0] == "channels" and parts[2:] == ["messages"] and method == "POST" and (
+                int(parts[1]) in self.closed_channels):
+            return _json({"message": "Cannot send messages to this user", "code": 50007}, status=403)
         if parts[0] == "channels" and parts[2:] == ["messages"] and method == "POST":
             return _json(self._bot_message(int(parts[1]), body))
         if parts[0] == "channels" and len(parts) == 4 and parts[2] == "messages":
@@ -205,6 +229,8 @@ class FakeDiscord:
         if parts[0] == "webhooks":
             if method == "POST" and len(parts) == 3:  # follow-up
                 return _json(self._bot_message(CHANNEL_ID, body, webhook=True))
+            if parts[-1] == "@original" and parts[2] in self.deleted_originals:
+                return _json({"message": "Unknown Message", "code": 10008}, status=404)
             if parts[-1] == "@original" and method == "PATCH":
                 original = self.originals.get(parts[2])
                 if original is None:
@@ -213,6 +239,12 @@ class FakeDiscord:
                 return _json(original)
             if parts[-1] == "@original" and method == "DELETE":
                 return web.Response(status=204)
+            if len(parts) == 5 and parts[3] == "messages" and method == "PATCH":  # editing a follow-up
+                message = self.messages.get(int(parts[4]))
+                if message is None:
+                    return _json({"message": "Unknown Message", "code": 10008}, status=404)
+                message.update({k: v for k, v in body.items() if k == "content"})
+                return _json(message)
         return _json({"message": "404: Not Found", "code": 0}, status=404)
 
     def _bot_message(self, channel_id: int, body: dict[str, Any], *, webhook: bool = False) -> dict[str, Any]:

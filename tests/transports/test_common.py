@@ -1,4 +1,4 @@
-"""The transport helpers: per-chat locks, the bounded id map, token redaction, the streaming outbox."""
+"""The transport helpers: per-chat locks, token redaction, the streaming outbox."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from bot.transports.common import BoundedMap, ChatLocks, redact, register_secret, unregister_secret
+from bot.transports.common import ChatLocks, redact, register_secret, unregister_secret
 from bot.transports.outbox import Outbox
 
 
@@ -22,13 +22,6 @@ async def test_chat_locks_order_one_chat_and_are_dropped_when_unused() -> None:
     await asyncio.gather(work("a", 1, 0.05), work("a", 2, 0), work("b", 1, 0))
     assert order == [("b", 1), ("a", 1), ("a", 2)]
     assert len(locks) == 0
-
-
-def test_bounded_map_forgets_the_oldest() -> None:
-    ids: BoundedMap[int, int] = BoundedMap(size=3)
-    for i in range(5):
-        ids[i] = i * 10
-    assert (ids.get(0), ids.get(1), ids.get(4), len(ids)) == (None, None, 40, 3)
 
 
 def test_secrets_are_redacted_in_messages_arguments_and_tracebacks(caplog: pytest.LogCaptureFixture) -> None:

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
 
 import discord
 import pytest
-import yarl
 
-from bot.config import Config, replace
+from bot.config import Config
 from bot.core import COMMANDS, Core
 from bot.errors import LorabotError
 from bot.store import AsyncStore
-from bot.transports import discord_chat
 from bot.transports.discord_chat import DiscordTransport
 from tests.fakes import FakeEngine
+from tests.transports.dc_harness import running
 from tests.transports.dc_server import (
     BOT_ID,
     BOT_USER,
@@ -33,32 +28,6 @@ from tests.transports.dc_server import (
     message_payload,
     reaction_payload,
 )
-
-
-@pytest.fixture
-async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
-    server = await FakeDiscord().start()
-    monkeypatch.setattr(discord.http.Route, "BASE", server.api_base)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(server.gateway_url))
-    monkeypatch.setattr(discord_chat, "GUILD_READY_TIMEOUT_S", 0.05)  # the fake sends every guild at once
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@contextlib.asynccontextmanager
-async def running(
-    fake: FakeDiscord, store: AsyncStore, engine: FakeEngine | None = None, **sections: Any,
-) -> AsyncIterator[DiscordTransport]:
-    sections["discord"] = {"edit_interval_s": 0.25, **sections.get("discord", {})}
-    config = replace(Config(), **sections)
-    transport = DiscordTransport(Core(config, engine or FakeEngine(), store), config, TOKEN)
-    await asyncio.wait_for(transport.start(), 10)
-    try:
-        yield transport
-    finally:
-        await asyncio.wait_for(transport.stop(), 10)
 
 
 def contents(fake: FakeDiscord) -> list[str]:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
@@ -18,6 +14,7 @@ from bot.store import AsyncStore
 from bot.transports.split import utf16_len
 from bot.transports.telegram_chat import TelegramTransport
 from tests.fakes import FakeEngine
+from tests.transports.tg_harness import running
 from tests.transports.tg_server import (
     TOKEN,
     FakeBotAPI,
@@ -27,30 +24,6 @@ from tests.transports.tg_server import (
     text_document,
     user,
 )
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[FakeBotAPI]:
-    server = await FakeBotAPI().start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@contextlib.asynccontextmanager
-async def running(
-    api: FakeBotAPI, store: AsyncStore, engine: FakeEngine | None = None, **sections: Any,
-) -> AsyncIterator[TelegramTransport]:
-    sections.setdefault("telegram", {})
-    sections["telegram"] = {"base_url": api.base_url, "edit_interval_s": 0.25, **sections["telegram"]}
-    config = replace(Config(), **sections)
-    transport = TelegramTransport(Core(config, engine or FakeEngine(), store), config, TOKEN)
-    await asyncio.wait_for(transport.start(), 10)
-    try:
-        yield transport
-    finally:
-        await asyncio.wait_for(transport.stop(), 10)
 
 
 async def test_start_registers_commands_and_answers_a_message(api: FakeBotAPI, store: AsyncStore, query) -> None:

@@ -2,7 +2,9 @@
 
 POST /bot<token>/<method> with form, multipart or JSON bodies; GET /file/bot<token>/<path> for downloads.
 It records every request, long-polls getUpdates from a queue the test feeds, and can answer a method
-with an error (429 with retry_after, 5xx) a given number of times.
+with an error (429 with retry_after, 5xx) a given number of times. Like Telegram, it refuses every call
+to a chat that blocked the bot (403) or was upgraded to a supergroup (400 with migrate_to_chat_id), and
+edits of a deleted message (400 "message to edit not found").
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class FakeBotAPI:
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(5000)
         self._failures: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        self.blocked: set[int] = set()            # chats whose user blocked the bot
+        self.migrated: dict[int, int] = {}        # group id -> the supergroup it became
+        self.deleted: set[int] = set()            # message ids deleted by a user
         self._changed = asyncio.Condition()
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -93,6 +98,22 @@ class FakeBotAPI:
             body["description"] = f"Too Many Requests: retry after {retry_after}"
         self._failures.setdefault(method, []).extend([(status, body)] * times)
 
+    def _refusal(self, method: str, params: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        """Telegram's answer for calls the state of a chat or message forbids."""
+        try:
+            chat_id = int(params.get("chat_id", 0))
+        except ValueError:
+            chat_id = 0
+        if chat_id in self.blocked:
+            return 403, {"ok": False, "error_code": 403, "description": "Forbidden: bot was blocked by the user"}
+        if chat_id in self.migrated:
+            return 400, {"ok": False, "error_code": 400,
+                         "description": "Bad Request: group chat was upgraded to a supergroup chat",
+                         "parameters": {"migrate_to_chat_id": self.migrated[chat_id]}}
+        if method == "editMessageText" and int(params.get("message_id", 0)) in self.deleted:
+            return 400, {"ok": False, "error_code": 400, "description": "Bad Request: message to edit not found"}
+        return None
+
     def of(self, *methods: str) -> list[Call]:
         return [c for c in self.calls if c.method in methods]
 
@@ -136,8 +157,9 @@ class FakeBotAPI:
         params = await self._params(request)
         self.calls.append(Call(method, params))
         failures = self._failures.get(method)
-        if failures:
-            status, body = failures.pop(0)
+        refused = failures.pop(0) if failures else self._refusal(method, params)
+        if refused is not None:
+            status, body = refused
             return web.json_response(body, status=status)
         handler = getattr(self, f"_m_{method}", None)
         if handler is None:
@@ -213,11 +235,13 @@ def message(
     text: str | None = None, *, chat_id: int = 7, user_id: int = 7, group: bool = False, caption: str | None = None,
     reply_to: dict[str, Any] | None = None, document: dict[str, Any] | None = None, sticker: bool = False,
     photo: bool = False, entities: list[dict[str, Any]] | None = None, message_id: int | None = None,
+    date: float | None = None, chat_type: str = "supergroup",
 ) -> dict[str, Any]:
-    chat = {"id": chat_id, "type": "supergroup", "title": "Group"} if group else {
+    chat = {"id": chat_id, "type": chat_type, "title": "Group"} if group else {
         "id": chat_id, "type": "private", "first_name": "Ann"}
     out: dict[str, Any] = {
-        "message_id": message_id or next(_ids), "date": int(time.time()), "chat": chat, "from": user(user_id),
+        "message_id": message_id or next(_ids), "date": int(date or time.time()), "chat": chat,
+        "from": user(user_id),
     }
     if text is not None:
         out["text"] = text
