@@ -2,12 +2,13 @@
 
     .venv/bin/python -m bench.all [--threads -1] [--quick]
 
-Each benchmark runs in its own process (so one's memory and threads do not colour the next) and
-writes its JSON (and PNG) into bench/results/: latency, concurrency, startup, train, gpu_check (a CPU
-smoke test of the GPU script when there is no CUDA device). The torch thread count is decided once,
-before anything runs (-1 = auto: all cores on an idle machine, 1 when other processes already use the
-CPU) and passed to each. Afterwards the headline figures are gathered into bench/results/summary.json
-with their baselines (measured in the same process as each figure) and the issue's targets.
+Each benchmark runs in its own process (so one's memory and threads do not colour the next) and writes
+its JSON (and PNG) into bench/results/: latency, concurrency, startup, train, gpu_check (a CPU smoke test
+of the GPU script when there is no CUDA device), serve (lorabot serve against the in-process engine). The
+torch thread count is decided once, before anything runs (-1 = auto: all cores on an idle machine, 1 when
+other processes already use the CPU) and passed to each. Afterwards the headline figures are gathered
+into bench/results/summary.json with their baselines (measured in the same process as each figure) and
+the issue's targets.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ PLAN: list[tuple[str, list[str], list[str], int]] = [
     ("startup", ["--loads", "3"], ["--loads", "1"], 90),
     ("train", ["--examples", "160", "--dev", "128"], ["--examples", "32", "--dev", "16"], 360),
     ("gpu_check", [], [], 60),
+    ("serve", ["--runs", "20"], ["--requests", "4", "--chats", "4", "--rounds", "1", "--runs", "3"], 300),
 ]
 
 # (figure, results file, value key, baseline key, target, test(value, results), what the baseline is)
@@ -50,6 +52,11 @@ FIGURES: list[tuple[str, str, str, str | None, str, Any, str]] = [
     ("train_speedup", "train", "train_speedup", None, ">= 1.5x, dev score >= baseline's",
      lambda v, r: v >= 1.5 and r["dev_accuracy"] >= r["dev_accuracy_trainer"], "transformers.Trainer"),
     ("gpu_tok_s_64", "gpu_check", "gpu_tok_s_64", None, ">= 10,000 tok/s", lambda v, r: v >= 10_000, ""),
+    # lorabot serve: no target, the HTTP layer's cost is reported (test None: nothing to meet).
+    ("http_vs_inprocess_16", "serve", "http_vs_inprocess_16", None, "reported", None,
+     "in-process engine, same workload, same run"),
+    ("skills_sentiment_p50_ms", "serve", "skills_sentiment_p50_ms", "core_sentiment_p50_ms", "reported", None,
+     "the same message through the core, no HTTP"),
 ]
 
 # What no float32 engine could beat on this machine (bench.roofline): the floor under a latency, the
@@ -79,13 +86,14 @@ def summary_rows(ran: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         data = load(file) if ran.get(file, {}).get("status") == "ok" else {}
         value = data.get(key)
         baseline = data.get(base_key) if base_key else None
-        if figure in ("mixed_vs_naive_16", "train_speedup") and value is not None:
+        if figure in ("mixed_vs_naive_16", "train_speedup", "http_vs_inprocess_16") and value is not None:
             baseline = 1.0  # the figure is already a ratio to its baseline
         ratio = None
         if isinstance(value, int | float) and isinstance(baseline, int | float) and baseline:
-            lower_is_better = figure in ("sentiment_p50_ms", "hotload_ms", "cold_start_s", "rss_mb")
+            lower_is_better = figure in ("sentiment_p50_ms", "hotload_ms", "cold_start_s", "rss_mb",
+                                         "skills_sentiment_p50_ms")
             ratio = round(baseline / value if lower_is_better else value / baseline, 2)
-        met = bool(test(value, data)) if isinstance(value, int | float) else None
+        met = bool(test(value, data)) if isinstance(value, int | float) and test is not None else None
         note = data.get("note") or data.get("skipped") or ("" if data else ran.get(file, {}).get("status", ""))
         rows.append({"figure": figure, "value": value, "baseline": baseline, "baseline_is": base_name,
                      "ratio": ratio, "target": target, "met": met,

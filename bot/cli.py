@@ -1,4 +1,4 @@
-"""The ``lorabot`` command: chat, run, ask, adapters, db, doctor, and (from training/) train, eval, export.
+"""The ``lorabot`` command: chat, run, ask, serve, adapters, db, doctor, and (from training/) train, eval, export.
 
 Heavy modules are imported inside the commands, so ``lorabot --help`` answers instantly.
 """
@@ -19,9 +19,6 @@ from bot.config import Config, load_config
 from bot.errors import LorabotError
 
 log = logging.getLogger("lorabot")
-
-ASK_COMMANDS = {"chat": "chat", "sentiment": "sentiment", "ner": "ner", "qa": "ask", "ask": "ask", "story": "story"}
-
 
 def setup_logging(config: Config, verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -51,7 +48,7 @@ async def _chat(config: Config) -> int:
 
 
 async def _run(config: Config) -> int:
-    from bot.app import open_app
+    from bot.app import open_app, run_transports
 
     tokens = {p: config.token(p) for p in ("telegram", "discord")}
     if not any(tokens.values()):
@@ -78,24 +75,16 @@ async def _run(config: Config) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        started = []
         try:
-            for transport in transports:
-                await transport.start()
-                started.append(transport)
-            names = ", ".join(type(t).__name__.replace("Transport", "") for t in started)
-            print(f"lorabot is running on {names}. Press Ctrl+C to stop.", file=sys.stderr)
-            await stop.wait()
+            # Non-zero when a platform connection was lost for good: better restarted than up and deaf.
+            status = await run_transports(transports, stop)
         finally:
-            for transport in reversed(started):
-                try:
-                    await transport.stop()
-                except Exception:
-                    log.exception("stopping %s failed", type(transport).__name__)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
             unanswered = await app.store.unanswered()
             if unanswered:
                 log.warning("%d message(s) were left unanswered at shutdown (kept as 'pending')", len(unanswered))
-    return 0
+    return status
 
 
 def _read_context(value: str | None) -> str | None:
@@ -112,25 +101,12 @@ def _read_context(value: str | None) -> str | None:
 
 async def _ask(config: Config, args: argparse.Namespace) -> int:
     from bot.app import open_app
-    from bot.messages import Incoming
+    from bot.ask import ask
 
-    skill = args.skill.lower()
     context = _read_context(args.context)
     async with open_app(config, progress=not args.json) as app:
-        if skill not in app.core.modes() and skill not in ASK_COMMANDS:
-            raise LorabotError(f"unknown skill {skill!r}; choose one of: {', '.join(app.core.modes())}")
-        if args.compare:
-            text = f"/compare {'qa' if skill == 'ask' else skill} {args.text}"
-        elif skill in ASK_COMMANDS:
-            text = f"/{ASK_COMMANDS[skill]} {args.text}"
-        else:  # an extra adapter by name: use it as the chat's mode for this one message
-            text = args.text
-            chat = await app.store.ensure_chat("cli", "cli")
-            await app.store.set_mode(chat, skill)
-        user = os.environ.get("USER") or "cli"
-        reply = await app.core.handle(
-            Incoming(platform="cli", chat_id="cli", user_id=user, text=text, attachment_text=context),
-        )
+        reply = await ask(app.core, args.skill, args.text, context=context, compare=args.compare,
+                          platform="cli", chat_id="cli", user_id=os.environ.get("USER") or "cli")
     if reply is None:
         return 1
     if args.json:
@@ -138,6 +114,18 @@ async def _ask(config: Config, args: argparse.Namespace) -> int:
     else:
         print(reply.text)
     return 0 if reply.kind in ("answer", "command") else 2
+
+
+async def _serve(config: Config, args: argparse.Namespace) -> int:
+    from bot.serve.app import serve
+    from bot.serve.settings import ServeSettings, api_key_from_env
+
+    settings = ServeSettings(
+        host=args.host, port=args.port, api_key=api_key_from_env(args.api_key_env),
+        max_in_flight=args.max_in_flight, max_body_bytes=args.max_body_kb * 1024,
+        max_prompt_chars=args.max_prompt_chars,
+    )
+    return await serve(config, settings)
 
 
 def _adapters(config: Config, args: argparse.Namespace) -> int:
@@ -152,6 +140,19 @@ def _adapters(config: Config, args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"NOT LOADED {problem}", file=sys.stderr)
     return 1 if problems and args.check else 0
+
+
+def _export_gguf(config: Config, args: argparse.Namespace) -> int:
+    from bot.adapter_gguf import export_gguf
+
+    named = config.path(config.adapters.dir) / args.adapter
+    folder = named if "/" not in args.adapter and named.is_dir() else Path(args.adapter)
+    if not folder.is_dir():
+        raise LorabotError(f"no adapter folder {args.adapter!r} (neither in {config.adapters.dir}/ nor a path)")
+    done = export_gguf(folder, Path(args.out))
+    print(f"wrote {done.path} ({done.tensors} tensors, r={done.rank}, alpha={done.alpha:g}, "
+          f"{done.bytes / 2**20:.1f} MB); llama.cpp: --lora {done.path}")
+    return 0
 
 
 def _db(config: Config, args: argparse.Namespace) -> int:
@@ -217,8 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--context", help="qa: the text to answer from (a string or a file path)")
     ask.add_argument("--compare", action="store_true", help="also show the bare base model's answer")
     ask.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a try-it page over the adapters")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (0: any free one; the start line says which)")
+    serve.add_argument("--api-key-env", metavar="NAME",
+                       help="environment variable holding the API key clients send as a Bearer token "
+                            "(required for a non-loopback --host; also needed to load/unload adapters)")
+    serve.add_argument("--max-in-flight", type=int, default=64, help="model requests at once; more get 429")
+    serve.add_argument("--max-body-kb", type=int, default=1024, help="largest request body accepted")
+    serve.add_argument("--max-prompt-chars", type=int, default=32_000, help="longest prompt accepted")
     adapters = sub.add_parser("adapters", help="list the adapters and why any are not loaded")
     adapters.add_argument("--check", action="store_true", help="exit 1 if any adapter folder is invalid")
+    export = sub.add_parser("export-gguf", help="write an adapter as a GGUF LoRA for llama.cpp and Ollama")
+    export.add_argument("adapter", help="an adapter's name (in the adapters folder) or its folder")
+    export.add_argument("--out", required=True, help="the .gguf file to write")
     doctor = sub.add_parser("doctor", help="what this installation will use (paste it into bug reports)")
     doctor.add_argument("--json", action="store_true", help="one JSON object")
     db = sub.add_parser("db", help="the conversation database: stats, check, export, vacuum, purge")
@@ -248,10 +261,14 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_run(config))
         if args.command == "ask":
             return asyncio.run(_ask(config, args))
+        if args.command == "serve":
+            return asyncio.run(_serve(config, args))
         if args.command == "adapters":
             return _adapters(config, args)
         if args.command == "db":
             return _db(config, args)
+        if args.command == "export-gguf":
+            return _export_gguf(config, args)
         if args.command == "doctor":
             from bot import doctor
 

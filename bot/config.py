@@ -46,6 +46,19 @@ class EngineConfig:
     # as they are in the file, expanded inside the kernel (the same values as the converted float32 copy;
     # measured RSS 483 MB instead of 817 MB).
     quantized: bool = True
+    # KV memory bounds. One row (prompt + generated tokens) may use at most max_row_tokens cache columns
+    # (0 = the model's context); all running rows together at most kv_token_budget (0 = max_batch x the
+    # row limit). A request that does not fit waits for rows to finish instead of growing every row.
+    # 16,384 tokens: 16 chats of up to 1,024 tokens at once; ~380 MB in bfloat16 for the bundled model.
+    max_row_tokens: int = 0
+    kv_token_budget: int = 16384
+    # backend = "openai": the model runs on an OpenAI-compatible server that serves the adapters by name
+    # (vLLM, LoRAX, another machine's `lorabot serve`). base_url: its address (without /v1); api_key_env:
+    # the environment variable holding its key (empty: none); timeout_s: the longest wait to connect or
+    # for the next data. Failed requests are retried with backoff, then answered with a clear error.
+    base_url: str = ""
+    api_key_env: str = ""
+    timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -150,16 +163,17 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "model.device": ("auto", "cpu", "cuda"),
     "telegram.mode": ("polling", "webhook"),
-    "engine.backend": ("auto", "fast", "peft"),
+    "engine.backend": ("auto", "fast", "peft", "openai"),
 }
 _NON_NEGATIVE = {
-    "model.threads", "engine.batch_wait_ms", "store.retention_days", "access.rate_limit_per_minute",
+    "model.threads", "engine.batch_wait_ms", "engine.max_row_tokens", "engine.kv_token_budget",
+    "store.retention_days", "access.rate_limit_per_minute",
     "generation.temperature", "story.temperature",
 }
 _POSITIVE = {
     "engine.max_batch", "generation.max_new_tokens", "story.max_new_tokens", "qa.max_new_tokens",
     "ner.max_new_tokens", "bot.max_input_chars", "bot.history_tokens", "telegram.webhook_port",
-    "generation.repetition_penalty", "story.repetition_penalty",
+    "generation.repetition_penalty", "story.repetition_penalty", "engine.timeout_s",
 }
 _UNIT_INTERVAL = {"generation.top_p", "story.top_p"}
 _NON_NEGATIVE |= {"telegram.edit_interval_s", "discord.edit_interval_s"}
@@ -196,6 +210,10 @@ def _check_value(key: str, value: Any, annotation: Any, problems: list[str]) -> 
     if key == "bot.default_mode" and isinstance(value, str) and not _MODE_NAME.fullmatch(value):
         problems.append(f"{key}: must name a skill (chat, sentiment, ner, qa, story) or an adapter folder "
                         f"(lowercase letters, digits, - and _); got {value!r}")
+    if key == "engine.base_url" and value and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        problems.append(f"{key}: must be an http:// or https:// address; got {value!r}")
+    if key == "engine.api_key_env" and value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        problems.append(f"{key}: must name an environment variable; got {value!r}")
     if key in _CHOICES and value not in _CHOICES[key]:
         problems.append(f"{key}: must be one of {', '.join(_CHOICES[key])}; got {value!r}")
     if key in _POSITIVE and value <= 0:
@@ -235,6 +253,9 @@ def parse_config(data: dict[str, Any], source: str = "config.toml", root: Path |
             if checked is not None:
                 kwargs[key] = checked
         sections[name] = section_cls(**kwargs)
+    engine = sections.get("engine")
+    if engine is not None and engine.backend == "openai" and not engine.base_url:
+        problems.append('engine.base_url: backend = "openai" needs the server\'s address, e.g. "http://gpu-box:8000"')
     if problems:
         raise ConfigError(source, problems)
     return Config(**sections, root=root or Path("."))

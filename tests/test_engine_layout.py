@@ -110,7 +110,7 @@ class CountingBackend:
         self.calls.append(("score", len(prompts)))
         return self._logits([p[-1] for p in prompts], adapters)[:, list(token_ids)]
 
-    def new_batch(self, max_rows: int) -> CountingBatch:
+    def new_batch(self, max_rows: int, max_tokens: int = 0) -> CountingBatch:
         return CountingBatch()
 
     def prefill(self, batch, prompts, adapters):  # type: ignore[no-untyped-def]

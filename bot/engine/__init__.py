@@ -12,15 +12,19 @@ Inside the package, one job per module:
 * ``backend_fast`` over ``fast_llama`` (batched multi-adapter LoRA, slot KV cache) and ``kernels``
   (``kernels.c``: the AVX2 small-batch and Q4_1/Q8_0 matmuls, built on first use);
 * ``backend_peft``: transformers + PEFT, the reference the fast backend is checked against;
-* ``sampling``: temperature, top-p and repetition penalty over a batch of logits;
+* ``sampling``: temperature, top-p and repetition penalty over a batch of logits; ``token_scores``:
+  ``logit_bias`` and generated tokens' log-probabilities, the same for every backend;
+* ``remote``: ``RemoteEngine``, this interface over an OpenAI-compatible server serving the adapters by
+  name (``[engine] backend = "openai"``: vLLM, another machine's ``lorabot serve``);
 * ``loading`` (which base model, where, converted once from the bundled GGUF; transformers loading)
   and ``light_model`` (loading without transformers);
 * ``weights`` (memory-mapped safetensors) and ``gguf`` (the GGUF's quantised blocks): the readers.
 
 The interface is deliberately small and text-in/text-out, so a remote
-OpenAI-compatible server that serves the same adapters by name (vLLM ``--lora-modules``, LoRAX) can
-replace it: ``classify`` maps to one completion token with logprobs, ``generate`` to a streamed
-completion with ``model=<adapter name>``.
+OpenAI-compatible server that serves the same adapters by name (vLLM ``--lora-modules``, ``lorabot
+serve``) replaces it (``remote``): ``classify`` maps to one completion token with logprobs, ``generate``
+to a streamed completion with ``model=<adapter name>``. An engine may also offer ``stats()`` (queue
+depth, running rows, decode steps by batch size), which ``lorabot serve``'s ``/metrics`` reads.
 """
 
 from __future__ import annotations
@@ -46,6 +50,18 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()        # generation ends before the first of these strings
     seed: int | None = None
+    # (token id, bias) pairs added to the logits before every choice (OpenAI's logit_bias; -100 bans a token).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # None: no log-probabilities; k >= 0: each generated token's log-probability and its k likeliest
+    # alternatives, computed after logit_bias and before temperature, top-p and repetition penalty.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str                        # the token's text as the tokenizer decodes it alone
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()   # the likeliest tokens at this position, most likely first
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str                # "stop" (EOS or stop string) | "length"
+    logprobs: tuple[TokenLogprob, ...] | None = None   # one per generated token when params.logprobs is set
 
 
 @dataclass(frozen=True)
@@ -96,7 +113,12 @@ class Engine(Protocol):
 
 
 def load_engine(config: Config, *, progress: bool = True) -> Engine:
-    """The in-process engine for ``config`` (blocking: loads the model; run it off the event loop)."""
+    """The engine for ``config`` (blocking: run it off the event loop): in-process, loading the model, or
+    with ``[engine] backend = "openai"`` a remote OpenAI-compatible server (``bot.engine.remote``)."""
+    if config.engine.backend == "openai":
+        from bot.engine.remote import RemoteEngine
+
+        return RemoteEngine.from_config(config, progress=progress)
     from bot.engine.scheduler import LocalEngine
 
     return LocalEngine.from_config(config, progress=progress)

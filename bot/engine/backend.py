@@ -48,8 +48,9 @@ class Backend(ABC):
         """Logits of ``token_ids`` right after each prompt: a tensor [len(prompts), len(token_ids)]."""
 
     @abstractmethod
-    def new_batch(self, max_rows: int) -> BatchState:
-        """An empty running batch for up to ``max_rows`` rows."""
+    def new_batch(self, max_rows: int, max_tokens: int = 0) -> BatchState:
+        """An empty running batch for up to ``max_rows`` rows whose cache holds at most ``max_tokens``
+        positions in all (rows x columns; 0 = no bound). The scheduler admits rows so that it fits."""
 
     @abstractmethod
     def prefill(self, batch: BatchState, prompts: Sequence[list[int]], adapters: Sequence[str | None]) -> Any:

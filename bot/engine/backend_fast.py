@@ -51,8 +51,8 @@ class FastBackend(Backend):
         # Only these vocabulary columns are computed, not the whole head.
         return self.fast.prefill(list(prompts), list(adapters), Columns(list(token_ids)))
 
-    def new_batch(self, max_rows: int) -> FastBatch:
-        return FastBatch(self.fast.new_cache(max_rows))
+    def new_batch(self, max_rows: int, max_tokens: int = 0) -> FastBatch:
+        return FastBatch(self.fast.new_cache(max_rows, max_tokens))
 
     def prefill(self, batch: BatchState, prompts: Sequence[list[int]],
                 adapters: Sequence[str | None]) -> torch.Tensor:

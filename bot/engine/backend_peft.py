@@ -86,7 +86,9 @@ class PeftBackend(Backend):
         logits, _ = self._forward_last(prompts, adapters)
         return logits[:, list(token_ids)]
 
-    def new_batch(self, max_rows: int) -> PeftBatch:
+    def new_batch(self, max_rows: int, max_tokens: int = 0) -> PeftBatch:
+        # transformers' cache is sized by the rows it holds (rows x widest): the scheduler's admission
+        # keeps that within max_tokens.
         return PeftBatch()
 
     def prefill(self, batch: BatchState, prompts: Sequence[list[int]],

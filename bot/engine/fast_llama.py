@@ -152,12 +152,15 @@ class SlotCache:
     Row ``i`` holds its tokens in columns ``0 .. lens[i] - 1``; rows ``0 .. n - 1`` are in use. Columns
     past a row's length may hold stale (finite) values: attention masks them, and ``written`` tracks how
     far each slot was written so that stale values from an earlier occupant are cleared on reuse.
+    With ``max_tokens``, the block (rows x columns) is never allocated larger than that: it is resized
+    to what the live rows need, not grown from the largest shape it ever had.
     """
 
-    def __init__(self, fast: FastLlama, max_rows: int, max_len: int):
+    def __init__(self, fast: FastLlama, max_rows: int, max_len: int, max_tokens: int = 0):
         self.fast = fast
         self.max_rows = max_rows
         self.max_len = max_len
+        self.max_tokens = max_tokens
         self.kv: torch.Tensor | None = None
         self.n = 0
         self.lens: list[int] = []
@@ -173,12 +176,22 @@ class SlotCache:
         if rows <= cap_rows and cols <= cap_cols:
             return
         f = self.fast
-        new_rows = max(rows, cap_rows, min(max(self.max_rows, rows), max(4, 2 * cap_rows)))
-        new_cols = max(cols, cap_cols)
-        new_cols = max(cols, min(self.max_len, -(-new_cols // 128) * 128))
+        width = max(self.written[: self.n], default=0)
+        if self.max_tokens:
+            # Sized from the live rows' needs, so a long row that has left does not keep every row wide.
+            need_cols = max(cols, width)
+            new_cols = max(need_cols, min(self.max_len, -(-need_cols // 128) * 128))
+            new_rows = max(rows, min(max(self.max_rows, rows), max(4, 2 * cap_rows)))
+            if new_rows * new_cols > self.max_tokens:
+                new_rows = max(rows, self.max_tokens // new_cols)
+            if new_rows * new_cols > self.max_tokens:
+                new_cols = max(need_cols, self.max_tokens // new_rows)
+        else:
+            new_rows = max(rows, cap_rows, min(max(self.max_rows, rows), max(4, 2 * cap_rows)))
+            new_cols = max(cols, cap_cols)
+            new_cols = max(cols, min(self.max_len, -(-new_cols // 128) * 128))
         kv = torch.zeros((f.n_layers, new_rows, 2, f.n_kv, new_cols, f.head_dim), dtype=f.dtype, device=f.device)
         if self.kv is not None and self.n:
-            width = max(self.written[: self.n])
             kv[:, : self.n, :, :, :width] = self.kv[:, : self.n, :, :, :width]
         self.kv = kv
         self.written = self.written[: self.n] + [0] * (new_rows - self.n)
@@ -600,5 +613,5 @@ class FastLlama:
             cache.written[i] = max(cache.written[i], cache.lens[i])
         return self._logits(h, None)
 
-    def new_cache(self, max_rows: int) -> SlotCache:
-        return SlotCache(self, max_rows, self.max_context)
+    def new_cache(self, max_rows: int, max_tokens: int = 0) -> SlotCache:
+        return SlotCache(self, max_rows, self.max_context, max_tokens)

@@ -29,6 +29,10 @@ def _backend(config: Config, folder: Path) -> tuple[str, str]:
     wanted = config.engine.backend
     if wanted == "peft":
         return "peft", "engine.backend = \"peft\" in the config"
+    if wanted == "openai":
+        key = config.engine.api_key_env
+        where = f"key from ${key} ({'set' if os.environ.get(key) else 'NOT set'})" if key else "no key"
+        return "openai", f"the model runs on {config.engine.base_url or '(engine.base_url is empty)'}, {where}"
     light = unsupported_folder(folder)
     if light is None:
         return "fast", "a Llama-shaped model: loaded without transformers, batched multi-adapter LoRA"
@@ -38,6 +42,26 @@ def _backend(config: Config, folder: Path) -> tuple[str, str]:
     if wanted == "fast":
         return "none", f"engine.backend = \"fast\" but the model is not supported: {reason}"
     return "peft", f"the fast backend cannot run this model: {reason}"
+
+
+def _kv_cache(config: Config, folder: Path, dtype: Any) -> str:
+    """The KV memory bound in words: the budget in tokens and what it takes for this model and dtype."""
+    from bot.engine.light_model import read_config
+
+    limits = config.engine
+    row = f"{limits.max_row_tokens} tokens a request" if limits.max_row_tokens else "the model's context a request"
+    budget = limits.kv_token_budget
+    if not budget:
+        return f"{row}; no total budget (engine.kv_token_budget = 0: max_batch full rows)"
+    try:
+        cfg = read_config(folder)
+        heads = cfg.num_attention_heads
+        per_token = cfg.num_hidden_layers * 2 * getattr(cfg, "num_key_value_heads", heads) * (
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // heads) * dtype.itemsize
+        size = f" = {budget * per_token / 2**20:.0f} MB in {str(dtype).removeprefix('torch.')}"
+    except Exception:  # a model folder without a readable config.json: the tokens alone still say it
+        size = ""
+    return f"{row}; {budget} tokens for all running requests together{size}"
 
 
 def describe(config: Config) -> dict[str, Any]:
@@ -88,7 +112,8 @@ def describe(config: Config) -> dict[str, Any]:
     out["model"] = {"spec": config.model.base, "name": base.name, "path": str(base.path),
                     "gguf": str(base.gguf) if base.gguf else None}
     out["engine"] = {"backend": backend, "why": why, "dtype": str(dtype).removeprefix("torch."),
-                     "weights": weights, "max_batch": config.engine.max_batch}
+                     "weights": weights, "max_batch": config.engine.max_batch,
+                     "kv_cache": _kv_cache(config, base.path, dtype)}
     from bot.engine import base_signature
 
     try:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,6 +35,7 @@ from bot.engine.backend import Backend, BatchState
 from bot.engine.light_model import LightModel, LightUnsupported, load_light
 from bot.engine.loading import BaseModelRef, load_model, resolve_base
 from bot.engine.sampling import choose_next_tokens
+from bot.engine.token_scores import biased, check_sampling, token_scores
 from bot.errors import AdapterError, EngineError
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class _GenerateJob(_Job):
     deltas: asyncio.Queue[str | None] | None = None
 
 
+JobT = TypeVar("JobT", bound=_Job)
+
+
 @dataclass
 class _ControlJob:
     action: str  # "reload" | "stop"
@@ -81,6 +85,8 @@ class _Row:
     text: str = ""
     generator: torch.Generator | None = None
     finish: str | None = None
+    claim: int = 0                      # KV cache columns this row may grow to (prompt + max new tokens)
+    logprobs: list[Any] = field(default_factory=list)   # TokenLogprob per generated token, when asked for
 
 
 def _resolve(job: _Job | _ControlJob, value: Any = None, error: BaseException | None = None) -> None:
@@ -130,11 +136,13 @@ class LocalEngine:
     def __init__(
         self, model: Any, tokenizer: Any, base: BaseModelRef, adapters_dir: Path | None, *,
         max_batch: int = 16, batch_wait_ms: int = 5, max_context: int = 2048, backend: str | Backend = "auto",
-        cpu_kernel: bool = True,
+        cpu_kernel: bool = True, max_row_tokens: int = 0, kv_token_budget: int = 0,
     ):
         """``model``: a transformers or light model (ignored when ``backend`` is a ``Backend`` already);
         ``backend``: "auto", "fast", "peft" or a ready ``Backend``; ``cpu_kernel``: let the fast backend
-        use its compiled small-batch matmul on x86 CPUs."""
+        use its compiled small-batch matmul on x86 CPUs. ``max_row_tokens`` caps one request's prompt +
+        reply (0: the model's context); ``kv_token_budget`` caps the KV cache of all running rows
+        together, in tokens (0: ``max_batch`` full rows): requests that do not fit wait."""
         self.base_model = base.name
         self._base = base
         self._tok = tokenizer
@@ -150,6 +158,11 @@ class LocalEngine:
         self.max_batch = max_batch
         self.batch_wait = batch_wait_ms / 1000
         self.max_context = min(max_context, getattr(config, "max_position_embeddings", max_context))
+        if max_row_tokens > 0:
+            self.max_context = min(self.max_context, max_row_tokens)
+        self.kv_budget = kv_token_budget if kv_token_budget > 0 else max_batch * self.max_context
+        # A request must fit alone, else it could never start.
+        self.max_context = min(self.max_context, self.kv_budget)
         self._eos_ids = self._stop_token_ids(config)
         if isinstance(backend, Backend):
             self._backend = backend
@@ -162,6 +175,9 @@ class LocalEngine:
         self._dead: str | None = None   # why the worker thread ended, if it ever does
         self.in_flight = 0              # rows in the running batch (written by the worker only)
         self.decode_steps = 0           # decode steps run since start
+        self.waiting = 0                # admitted requests waiting for room in the batch (worker only)
+        self.decode_batch_sizes: dict[int, int] = {}   # rows -> decode steps run with that many (worker only)
+        self.kv_waits = 0               # scheduler steps in which a request waited for KV memory to free up
         self._attach_adapters()
         self._thread = threading.Thread(target=self._worker, name="lorabot-engine", daemon=True)
         self._thread.start()
@@ -189,6 +205,7 @@ class LocalEngine:
             model, tokenizer, base, config.path(config.adapters.dir),
             max_batch=config.engine.max_batch, batch_wait_ms=config.engine.batch_wait_ms,
             backend=config.engine.backend, cpu_kernel=config.engine.cpu_kernel,
+            max_row_tokens=config.engine.max_row_tokens, kv_token_budget=config.engine.kv_token_budget,
         )
 
     def _stop_token_ids(self, config: Any) -> set[int]:
@@ -270,6 +287,17 @@ class LocalEngine:
         await self._submit(_ControlJob("reload"))
         return self.problems
 
+    def stats(self) -> dict[str, Any]:
+        """A read-only snapshot for monitoring (``lorabot serve``'s /metrics), read from the worker's counters."""
+        return {"queued": self._queue.qsize() + self.waiting, "running_rows": self.in_flight,
+                "decode_steps": self.decode_steps, "decode_batch_sizes": dict(self.decode_batch_sizes),
+                "max_batch": self.max_batch, "alive": self._dead is None}
+
+    @property
+    def base_shape(self) -> str:
+        """The base model's shape signature, which an adapter's manifest must match."""
+        return self._shape
+
     # ----------------------------------------------------------------- public requests
     def count_tokens(self, text: str) -> int:
         return len(self._tok(text, add_special_tokens=False).input_ids)
@@ -303,6 +331,7 @@ class LocalEngine:
         self, prompt: str, params: SamplingParams, adapter: str | None, on_text: TextSink | None = None,
     ) -> Generation:
         self._check_adapter(adapter)
+        check_sampling(params, self._backend.config.vocab_size)
         loop = asyncio.get_running_loop()
         job = _GenerateJob(
             prompt_ids=self._encode(prompt, params.max_new_tokens), adapter=adapter, loop=loop,
@@ -397,13 +426,12 @@ class LocalEngine:
                             classify.append(job)
                         else:
                             pending.append(job)
-                    for start in range(0, len(classify), self.max_batch):
-                        self._run_classify(classify[start:start + self.max_batch])
-                    room = self.max_batch - len(rows)
-                    if room > 0 and pending:
-                        admitted, pending = pending[:room], pending[room:]
+                    for group in self._groups(classify, self.kv_budget):
+                        self._run_classify(group)
+                    admitted, pending = self._fit(rows, pending)
+                    if admitted:
                         if batch is None:
-                            batch = self._backend.new_batch(self.max_batch)
+                            batch = self._backend.new_batch(self.max_batch, self.kv_budget)
                         rows = self._admit(rows, batch, admitted)
                     if rows:
                         assert batch is not None
@@ -420,7 +448,7 @@ class LocalEngine:
                 self._detach_unused(rows, pending)
                 if not rows:
                     batch = None  # the next batch starts with an empty cache
-                self.in_flight = len(rows)
+                self.in_flight, self.waiting = len(rows), len(pending)
                 if stop_job is not None and not rows and not pending:
                     _resolve(stop_job, None)
                     return
@@ -485,6 +513,42 @@ class LocalEngine:
                 _resolve(job, error=EngineError(f"the model failed on this request: {exc}"))
         return results
 
+    def _claim(self, job: _GenerateJob) -> int:
+        return min(self.max_context, len(job.prompt_ids) + job.params.max_new_tokens)
+
+    def _fit(self, rows: list[_Row], pending: list[_GenerateJob]) -> tuple[list[_GenerateJob], list[_GenerateJob]]:
+        """The pending requests that join the batch now, in arrival order, and those that wait.
+
+        The KV cache is one dense block, rows x the widest row, so a request is admitted only while
+        (rows + 1) x the widest claim stays within the budget. The first request that does not fit stops
+        admission: later, shorter ones do not overtake it, so a long prompt waits for rows to finish
+        instead of waiting for ever behind a stream of short ones."""
+        widest = max((r.claim for r in rows), default=0)
+        taken = 0
+        for job in pending[: self.max_batch - len(rows)]:
+            wider = max(widest, self._claim(job))
+            if (len(rows) + taken + 1) * wider > self.kv_budget:
+                self.kv_waits += 1
+                break
+            widest, taken = wider, taken + 1
+        return pending[:taken], pending[taken:]
+
+    def _groups(self, jobs: Sequence[JobT], tokens: int) -> list[list[JobT]]:
+        """Consecutive groups of at most ``max_batch`` prompts, each group's padded size (rows x the
+        longest prompt) within ``tokens``: attention over a padded group costs rows x width^2, so a long
+        prompt is computed apart from short ones instead of padding them all to its length."""
+        groups: list[list[JobT]] = []
+        group: list[JobT] = []
+        widest = 0
+        for job in jobs:
+            wider = max(widest, len(job.prompt_ids))
+            if group and (len(group) == self.max_batch or (len(group) + 1) * wider > tokens):
+                groups.append(group)
+                group, wider = [], len(job.prompt_ids)
+            group.append(job)
+            widest = wider
+        return [*groups, group] if group else groups
+
     def _run_classify(self, jobs: list[_ClassifyJob]) -> None:
         def run(batch: list[_ClassifyJob]) -> None:
             wanted = sorted({c for job in batch for c in job.choice_ids})
@@ -505,14 +569,16 @@ class LocalEngine:
         def run(group: list[_GenerateJob]) -> tuple[list[_GenerateJob], torch.Tensor]:
             return group, self._backend.prefill(batch, [j.prompt_ids for j in group], [j.key for j in group])
 
-        try:
-            prefilled = self._isolate(jobs, run)
-        except Exception as exc:
-            _resolve(jobs[0], error=EngineError(f"the model failed on this request: {exc}"))
-            return rows
+        prefilled = []
+        for group in self._groups(jobs, self.max_context):
+            try:
+                prefilled += self._isolate(group, run)
+            except Exception as exc:
+                _resolve(group[0], error=EngineError(f"the model failed on this request: {exc}"))
         for group, logits in prefilled:
             new_rows = [
-                _Row(job=j, position=len(j.prompt_ids), generator=self._generator(j.params)) for j in group
+                _Row(job=j, position=len(j.prompt_ids), generator=self._generator(j.params), claim=self._claim(j))
+                for j in group
             ]
             rows = rows + new_rows
             self._advance(new_rows, logits)
@@ -531,6 +597,7 @@ class LocalEngine:
         params = [r.job.params for r in rows]
         seen = [r.job.prompt_ids + r.generated for r in rows] if any(
             p.repetition_penalty != 1.0 for p in params) else [[] for _ in rows]
+        logits = biased(logits, params)
         try:
             chosen = choose_next_tokens(logits, params, seen, [r.generator for r in rows])
         except Exception:  # one row's settings (e.g. a NaN temperature) must not fail the others
@@ -543,7 +610,8 @@ class LocalEngine:
                     _resolve(row.job, error=EngineError(f"the model failed on this request: {exc}"))
                     row.job.cancelled = True  # settled: leaves the batch at the next retire
                     chosen.append(-1)
-        for row, token in zip(rows, chosen, strict=True):
+        scores = token_scores(logits, chosen, params, self._tok)
+        for row, token, score in zip(rows, chosen, scores, strict=True):
             if row.job.cancelled:
                 row.finish = "cancelled"
                 continue
@@ -551,6 +619,8 @@ class LocalEngine:
                 row.finish = "stop"
                 continue
             row.generated.append(token)
+            if score is not None:
+                row.logprobs.append(score)
             row.text = self._tok.decode(row.generated, skip_special_tokens=True)
             params = row.job.params
             cut = min((i for i in (row.text.find(s) for s in params.stop) if i >= 0), default=-1)
@@ -590,7 +660,7 @@ class LocalEngine:
                 self._stream(r)
                 _resolve(r.job, Generation(
                     text=r.text, prompt_tokens=len(r.job.prompt_ids), completion_tokens=len(r.generated),
-                    finish_reason=r.finish,
+                    finish_reason=r.finish, logprobs=tuple(r.logprobs) if r.job.params.logprobs is not None else None,
                 ))
         if not keep:
             return []
@@ -600,6 +670,7 @@ class LocalEngine:
 
     def _decode_step(self, rows: list[_Row], batch: BatchState) -> list[_Row]:
         self.decode_steps += 1
+        self.decode_batch_sizes[len(rows)] = self.decode_batch_sizes.get(len(rows), 0) + 1
         try:
             logits = self._backend.decode(
                 batch, [r.generated[-1] for r in rows], [r.position + len(r.generated) - 1 for r in rows],

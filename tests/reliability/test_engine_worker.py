@@ -51,13 +51,16 @@ async def test_a_fault_at_a_scheduler_step_fails_those_requests_and_the_worker_s
 async def test_a_dead_worker_fails_pending_and_later_requests_at_once_and_close_returns(
     engine, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    running = asyncio.ensure_future(engine.generate("Hello there", SamplingParams(max_new_tokens=200), None))
-    await asyncio.sleep(0.2)
+    real, steps = engine._decode_step, []
 
     def dies(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise SystemExit("injected: the worker thread is ending")  # not an Exception: escapes every guard
+        steps.append(1)
+        if len(steps) >= 3:  # while the request is decoding, however fast the machine is
+            raise SystemExit("injected: the worker thread is ending")  # not an Exception: escapes every guard
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, "_decode_step", dies)
+    running = asyncio.ensure_future(engine.generate("Hello there", SamplingParams(max_new_tokens=200), None))
     with pytest.raises(EngineError, match="stopped working"):
         await asyncio.wait_for(running, 30)
     await asyncio.wait_for(asyncio.to_thread(engine._thread.join, 10), 15)

@@ -1,0 +1,1 @@
+"""lorabot serve and the remote engine: the OpenAI API, skills, limits, the page, backend = "openai"."""
