@@ -182,8 +182,13 @@ class StoryFormat:
 
     @classmethod
     def training_pair(cls, text: str, title: str | None = None) -> tuple[str, str]:
-        """(prompt, target) for a story text; the whole story is the target."""
-        return cls.prompt(title or ""), " " + text.strip()
+        """(prompt, target) for a story text: the whole story, or, when the title is the story's own
+        opening sentence, the rest of it (the prompt already holds the opening, as in the bot)."""
+        text = text.strip()
+        request = one_line(title or "")
+        if request and cls.is_opening(request) and text.startswith(request):
+            return cls.prompt(request), " " + text[len(request):].strip()
+        return cls.prompt(request), " " + text.strip()
 
     @staticmethod
     def result(request: str, output: str) -> Text:

@@ -40,10 +40,10 @@ def _fmt(value: Any) -> str:
 
 def _score_rows(task: str, adapter: dict[str, Any], base: dict[str, Any]) -> list[str]:
     keys = {"sentiment": ["accuracy", "macro_f1", "macro_recall"], "ner": ["f1", "precision", "recall"],
-            "qa": ["exact_match", "f1"]}.get(task, ["perplexity"])
+            "qa": ["exact_match", "f1"], "story": ["perplexity", "theme_adherence"]}.get(task, ["perplexity"])
     rows = ["| dev data | n | metric | adapter | base model |", "|---|---:|---|---:|---:|"]
     for name, scores in adapter.items():
-        for key in keys:
+        for key in (k for k in keys if k in scores):
             b = base.get(name, {}).get(key, "not measured")
             rows.append(f"| {name} | {scores.get('n', '')} | {key} | {_fmt(scores.get(key))} | {_fmt(b)} |")
     return rows

@@ -47,6 +47,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--base", default="bundled", help="base model (default: bundled)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=0, help="ner/qa generation limit (0 = task default)")
+    p.add_argument("--themes", action="store_true",
+                   help="story: also theme adherence on the 50 evaluation themes (writes 50 stories)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.add_argument("--predictions", type=Path, metavar="FILE.jsonl",
                    help="also write one JSON line per example (input, gold, output, score) for error analysis")
@@ -103,14 +105,14 @@ def eval_command(args: argparse.Namespace) -> int:
         records: list[dict] | None = None
         if args.predictions:
             # Refused before the (long) evaluation, not after it.
-            if PRIMARY[args.task] == "perplexity":
+            if PRIMARY[args.task] == "perplexity" and not (args.themes and args.task == "story"):
                 raise ConfigError("--predictions", [f"{args.task} is scored by perplexity: no per-example "
                                                     "predictions to write (sentiment, ner and qa have them)"])
             records = []
         result = evaluate_adapter(args.task, args.data, adapter=None if args.base_only else args.adapter,
                                   base=args.base, limit=args.limit, holdout=args.holdout,
                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  predictions=records)
+                                  predictions=records, themes=args.themes)
         if records is not None:
             from training.export import write_jsonl
 

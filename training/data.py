@@ -13,6 +13,7 @@ Formats (chosen by file suffix):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -397,6 +398,11 @@ def select(examples: list[Example], spec: DataSpec | Mapping[str, Any], seed: in
     A plain mapping is checked as a recipe's table is.
     """
     spec = as_spec(spec)
+    if spec.themes:
+        from training.story_themes import prompt_for
+
+        examples = [ex if not isinstance(ex, TextExample) or ex.title else
+                    dataclasses.replace(ex, title=prompt_for(ex.text)) for ex in examples]
     if spec.holdout:
         want = spec.part == "holdout"
         examples = [ex for ex in examples if in_holdout(ex.key, float(spec.holdout)) == want]

@@ -29,6 +29,8 @@ class DataSpec:
     # A recipe's integer 0 stays an integer so that it is written back as it was read.
     holdout: float = 0.0
     part: str = "train"            # which side of the holdout split: "train" or "holdout"
+    # Stories: an untitled story gets a theme or opening taken from itself (training/story_themes.py).
+    themes: bool = False
     # The keys the recipe's table wrote, in order; None: the recipe wrote a bare path.
     keys: tuple[str, ...] | None = field(default=None, repr=False)
 

@@ -3,7 +3,9 @@
 sentiment: accuracy, macro-F1, per-class and macro recall, with predictions restricted to the labels
 present in the data (so a 3-class adapter can be scored on binary SST-2). ner: entity-level micro F1
 (seqeval, strict IOB2) after mapping predicted character offsets back to tokens. qa: SQuAD v1.1 EM/F1.
-story/domain/chat: perplexity of the target tokens.
+story/domain/chat: perplexity of the target tokens; story, with ``themes``: also theme adherence, the share of
+50 hand-written themes (story_eval_themes.txt, none from the training data) whose key words all appear in the
+greedy story the model writes for "/story <theme>".
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import math
 import re
 import string
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from bot.skills import NERFormat, QAFormat, SentimentFormat
+from bot.skills import NERFormat, QAFormat, SentimentFormat, StoryFormat
 from training.batching import Encoded, chunks, collate, encode, label_token_ids, prompt_ids
 from training.data import Example, NERExample, QAExample, SentimentExample
 from training.model import LossModel
@@ -182,7 +185,7 @@ def perplexity(model: Any, encoded: Sequence[Encoded], pad_id: int, *, batch_siz
 
 def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, labels: Sequence[str] = (),
              batch_size: int = 16, max_new_tokens: int = 0, max_length: int = 1024,
-             predictions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+             predictions: list[dict[str, Any]] | None = None, themes: bool = False) -> dict[str, Any]:
     """Score ``model`` on ``examples`` (all of them; evaluation never drops long examples).
 
     ``predictions``, when given, receives one record per example (input, gold, the model's raw output,
@@ -203,9 +206,45 @@ def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, la
         # Perplexity of the text itself: without the EOS that training appends (the bare base model
         # has no reason to end a story there), stories cut at max_length rather than dropped.
         encoded, _ = encode(task, examples, tok, max_length=max_length, eos=False)
-        return perplexity(model, encoded, tok.pad_token_id, batch_size=max(1, batch_size // 2))
+        scores = perplexity(model, encoded, tok.pad_token_id, batch_size=max(1, batch_size // 2))
+        if themes and task == "story":
+            scores |= theme_adherence(model, tok, batch_size=batch_size, predictions=predictions)
+        return scores
     finally:
         model.train(was_training)
+
+
+THEMES_FILE = Path(__file__).with_name("story_eval_themes.txt")
+STORY_EVAL_TOKENS = 160
+
+
+def eval_themes(path: Path = THEMES_FILE) -> list[tuple[str, tuple[str, ...]]]:
+    """(theme, key words) from the themes file."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            theme, _, words = line.partition("|")
+            out.append((theme.strip(), tuple(w.strip().lower() for w in words.split(",") if w.strip())))
+    return out
+
+
+def mentions(story: str, word: str) -> bool:
+    """``word`` (or its plural, or its singular) is in ``story`` as a whole word, in any case."""
+    stem = word.lower().removesuffix("s") if len(word) > 3 else word.lower()
+    return re.search(rf"\b{re.escape(stem)}(?:s|es)?\b", story.lower()) is not None
+
+
+def theme_adherence(model: Any, tok: Any, *, batch_size: int = 16,
+                    predictions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Share of the evaluation themes whose key words all appear in the story written for them (greedy)."""
+    themes = eval_themes()
+    stories = generate(model, tok, [StoryFormat.prompt(t) for t, _ in themes], max_new_tokens=STORY_EVAL_TOKENS,
+                       batch_size=batch_size, stop=())
+    hits = [all(mentions(s, w) for w in words) for s, (_, words) in zip(stories, themes, strict=True)]
+    if predictions is not None:
+        predictions.extend({"theme": t, "key_words": list(w), "story": s, "follows": h}
+                           for (t, w), s, h in zip(themes, stories, hits, strict=True))
+    return {"theme_adherence": 100 * sum(hits) / len(hits), "themes_n": len(hits)}
 
 
 def eval_sentiment(model: Any, tok: Any, examples: Sequence[SentimentExample], labels: Sequence[str], *,

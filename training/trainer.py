@@ -139,9 +139,11 @@ def evaluate_dev(run: Run, limit: int, *, base: bool = False, final: bool = Fals
             for name, examples in run.dev.items():
                 subset = examples[:limit] if limit else examples
                 records: list[dict[str, Any]] | None = [] if final else None  # periodic ones are not kept
+                # Theme adherence (stories) generates 50 stories: at the final evaluation only, once.
+                themes = final and name == next(iter(run.dev))
                 scores[name] = evaluate(run.config.task, peft, run.tok, subset, labels=run.labels,
                                         batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                                        max_length=run.config.train.max_length, predictions=records)
+                                        max_length=run.config.train.max_length, predictions=records, themes=themes)
                 if records:
                     write_jsonl(run.run_dir / f"predictions-{'base-' if base else ''}{name}.jsonl", records)
         run.model.train()
