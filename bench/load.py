@@ -2,6 +2,7 @@
 and a temporary SQLite file; then verify that nothing was lost.
 
     .venv/bin/python -m bench.load [--messages 2000] [--users 200] [--concurrency 32] [--time-limit 3600]
+    .venv/bin/python -m bench.load --via transports [--in-flight 48] ...   (see bench/load_transports.py)
 
 Every message is handed to ``Core.handle`` (at most ``--concurrency`` at a time, one at a time per chat
 like the transports do). Afterwards the database is read back with its own connection and checked:
@@ -272,6 +273,10 @@ def main() -> int:
     parser.add_argument("--rate-limit", type=int, default=None, help="per-user messages/minute (default: config)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default=str(REPO / "config.toml"))
+    parser.add_argument("--via", choices=("core", "transports"), default="core",
+                        help="core: Core.handle directly; transports: the Telegram and Discord client stacks "
+                             "on loopback, with /reload, an adapter swap and a second writer during the run")
+    parser.add_argument("--in-flight", type=int, default=48, help="--via transports: unanswered messages at most")
     args = parser.parse_args()
     if min(args.messages, args.users, args.groups, args.concurrency, args.max_new_tokens) < 1 or args.time_limit <= 0:
         parser.error("counts, --max-new-tokens and --time-limit must be positive")
@@ -281,9 +286,20 @@ def main() -> int:
         config = replace(base, store={"path": str(Path(tmp) / "load.db"), "retention_days": 0}, access=access,
                          generation={"max_new_tokens": args.max_new_tokens},
                          story={"max_new_tokens": args.max_new_tokens})
-        result = asyncio.run(measure(config, args))
-    path = write_result("load", result)
-    print_table(result)
+        if args.via == "transports":
+            from bench.load_transports import measure_transports
+
+            if args.rate_limit is None:
+                config = replace(config, access={"rate_limit_per_minute": 0})
+            planned = plan(args.messages, args.users, args.groups, args.seed)
+            result = asyncio.run(measure_transports(config, args, planned, rss_mb))
+        else:
+            result = asyncio.run(measure(config, args))
+    path = write_result("load" if args.via == "core" else "load_transports", result)
+    if args.via == "core":
+        print_table(result)
+    else:
+        print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
     print(f"wrote {path}")
     return 0 if result["ok"] else 1
 
