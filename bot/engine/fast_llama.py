@@ -231,7 +231,21 @@ class SlotCache:
             order[hole] = mover
         self.lens = [self.lens[o] for o in order]
         self.n = n_new
+        self._shrink_columns()
         return order
+
+    @torch.inference_mode()
+    def _shrink_columns(self) -> None:
+        """With a token budget: once the widest rows have left, give back the columns only they used
+        (at least half the block), so a finished long prompt does not keep its memory for ever."""
+        if not self.max_tokens or self.kv is None or not self.n:
+            return
+        width = max(self.written[: self.n])
+        cols = -(-(width + 1) // 128) * 128   # room for the next step without growing again
+        if self.kv.shape[4] <= 2 * cols:
+            return
+        self.kv = self.kv[:, :, :, :, :cols].clone()
+        self.written = [min(w, cols) for w in self.written]
 
 
 class FastLlama:

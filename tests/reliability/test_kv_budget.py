@@ -24,12 +24,15 @@ def _engine(tiny_base: Path, **limits: int):  # type: ignore[no-untyped-def]
     engine = LocalEngine(model, tok, BaseModelRef("tiny", tiny_base), None, max_batch=8, max_context=512,
                          backend="fast", **limits)
     peaks: list[int] = []
+    shapes: list[tuple[int, int]] = []
+    engine.shapes = shapes  # type: ignore[attr-defined]
     backend = engine._backend
     real_prefill, real_decode = backend.prefill, backend.decode
 
     def record(batch) -> None:  # type: ignore[no-untyped-def]
         rows, cols = batch.slots.capacity
         peaks.append(rows * cols)
+        shapes.append((rows, cols))
 
     def prefill(batch, prompts, adapters):  # type: ignore[no-untyped-def]
         out = real_prefill(batch, prompts, adapters)
@@ -71,6 +74,23 @@ async def test_a_long_prompt_does_not_widen_the_cache_past_the_budget(tiny_base:
     assert together == alone
     assert max(peaks) <= budget
     assert engine.kv_waits > 0          # the short ones waited for the long one, not the other way round
+
+
+async def test_the_columns_a_finished_long_row_used_are_given_back(tiny_base: Path) -> None:
+    engine, _ = _engine(tiny_base, kv_token_budget=1024)
+    long, short = _prompts()[0], _prompts()[1]
+    try:
+        alone = (await engine.generate(short, SamplingParams(max_new_tokens=40), None)).text
+        engine.shapes.clear()
+        quick = engine.generate(long, SamplingParams(max_new_tokens=2), None)   # leaves after two tokens
+        slow = engine.generate(short, SamplingParams(max_new_tokens=40), None)  # decodes on after it
+        _, together = await asyncio.gather(quick, slow)
+    finally:
+        await asyncio.wait_for(engine.close(), 30)
+    assert together.text == alone
+    widest = max(range(len(engine.shapes)), key=lambda i: engine.shapes[i][1])
+    # The short row runs on in a block of its own width, not the long row's.
+    assert engine.shapes[widest][1] >= 384 and engine.shapes[-1][1] <= 128
 
 
 async def test_without_a_budget_the_same_mix_takes_rows_times_the_widest(tiny_base: Path) -> None:
