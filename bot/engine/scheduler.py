@@ -64,6 +64,21 @@ class _GenerateJob(_Job):
 
 
 JobT = TypeVar("JobT", bound=_Job)
+TRIM_EVERY_S = 10.0   # at most this often, memory freed by finished batches goes back to the OS
+
+
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None (another C library, another OS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
 
 
 @dataclass
@@ -178,6 +193,7 @@ class LocalEngine:
         self.waiting = 0                # admitted requests waiting for room in the batch (worker only)
         self.decode_batch_sizes: dict[int, int] = {}   # rows -> decode steps run with that many (worker only)
         self.kv_waits = 0               # scheduler steps in which a request waited for KV memory to free up
+        self._trimmed_at = time.monotonic()
         self._attach_adapters()
         self._thread = threading.Thread(target=self._worker, name="lorabot-engine", daemon=True)
         self._thread.start()
@@ -448,6 +464,7 @@ class LocalEngine:
                 self._detach_unused(rows, pending)
                 if not rows:
                     batch = None  # the next batch starts with an empty cache
+                self._give_back_memory()
                 self.in_flight, self.waiting = len(rows), len(pending)
                 if stop_job is not None and not rows and not pending:
                     _resolve(stop_job, None)
@@ -455,6 +472,14 @@ class LocalEngine:
         except BaseException as exc:
             # Ends the thread (logged as critical); re-raising would only print a second traceback.
             self._die(f"{type(exc).__name__}: {exc}", [*pending, *(r.job for r in rows)])
+
+    def _give_back_memory(self) -> None:
+        """Batches of varying shapes leave freed blocks in malloc's per-thread arenas, which glibc keeps:
+        without trimming, RSS creeps up under steady traffic although the live tensors stay bounded."""
+        now = time.monotonic()
+        if _TRIM is not None and now - self._trimmed_at >= TRIM_EVERY_S:
+            self._trimmed_at = now
+            _TRIM(0)
 
     def _die(self, reason: str, held: list[_Job]) -> None:
         """The worker is ending abnormally: fail everything it held or will be sent, at once."""
