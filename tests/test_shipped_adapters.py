@@ -38,7 +38,7 @@ def test_shipped_adapter_is_a_valid_small_folder_for_the_bundled_model(name: str
     ref = resolve_base(BUNDLED, progress=False)
     info = validate_adapter(folder, base_model=ref.name, base_shape=shape_signature(
         AutoConfig.from_pretrained(bundled_dir, local_files_only=True)))
-    assert info.task == name
+    assert info.task == {"medical": "domain"}.get(name, name)   # the domain adapter is named after its domain
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     assert not config.get("modules_to_save"), "plain LoRA only, so vLLM and LoRAX load it too"
     assert (folder / "adapter_model.safetensors").stat().st_size < 12_000_000
@@ -49,8 +49,9 @@ def test_shipped_adapter_is_a_valid_small_folder_for_the_bundled_model(name: str
 
 
 def test_shipped_adapters_stay_light() -> None:
+    weights = sum((ADAPTERS / name / "adapter_model.safetensors").stat().st_size for name in SHIPPED)
     total = sum(f.stat().st_size for name in SHIPPED for f in (ADAPTERS / name).rglob("*") if f.is_file())
-    assert total < 30_000_000
+    assert weights < 40_000_000 and total < 42_000_000
 
 
 def test_sentiment_adapter_beats_the_base_model_on_sst2_and_tweets() -> None:
@@ -80,6 +81,32 @@ def test_story_adapter_lowers_tinystories_perplexity() -> None:
     tuned = _evaluate("story", data, ADAPTERS / "story", limit=4)["perplexity"]
     base = _evaluate("story", data, None, limit=4)["perplexity"]
     assert tuned <= 0.85 * base
+
+
+def test_medical_adapter_lowers_pubmed_perplexity() -> None:
+    data = shared_data("domain/pubmed_dev.jsonl")
+    tuned = _evaluate("domain", data, ADAPTERS / "medical", limit=4)["perplexity"]
+    base = _evaluate("domain", data, None, limit=4)["perplexity"]
+    assert tuned <= 0.9 * base
+
+
+async def test_compare_medical_shows_both_continuations_in_the_bot(tmp_path: Path) -> None:
+    from bot.app import open_app
+    from bot.config import Config, replace
+    from bot.messages import Incoming
+
+    config = replace(Config(root=REPO), store={"path": str(tmp_path / "log.db")}, generation={"max_new_tokens": 12})
+    async with open_app(config, progress=False) as app:
+        reply = await app.core.handle(Incoming(platform="test", chat_id="c", user_id="u",
+                                               text="/compare medical The patient was treated with"))
+        mode = await app.core.handle(Incoming(platform="test", chat_id="c", user_id="u", text="/mode medical"))
+        written = await app.core.handle(Incoming(platform="test", chat_id="c", user_id="u",
+                                                 text="Patients with type 2 diabetes"))
+    assert reply.kind == "answer" and mode.kind == "command"
+    base, _, tuned = reply.text.partition("Fine-tuned (adapter 'medical'):")
+    assert base.startswith("Base model (pre-trained only):\nThe patient was treated with")
+    assert tuned.strip().startswith("The patient was treated with") and len(tuned.split()) > 6
+    assert written.kind == "answer" and written.text.startswith("Patients with type 2 diabetes")
 
 
 async def test_the_bot_classifies_as_the_evaluation_does(bundled_dir: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-SHIPPED = ("sentiment", "ner", "qa", "story")
+SHIPPED = ("sentiment", "ner", "qa", "story", "medical")
 # Recipes trained before a shipped one, because it continues from their weights (train.init_adapter).
 # Their adapters go to runs/adapters/NAME: they are a means, not shipped.
 STAGES = {"qa": ("qa_first", "qa_second", "qa")}
