@@ -35,6 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check bot training tests bench
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]' || echo "llama.cpp baseline skipped: llama-cpp-python did not build or install"
 	$(BIN)/python -m bench.all
 
 adapters: $(STAMP)

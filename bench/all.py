@@ -4,7 +4,9 @@
 
 Each benchmark runs in its own process (so one's memory and threads do not colour the next) and writes
 its JSON (and PNG) into bench/results/: latency, concurrency, startup, train, gpu_check (a CPU smoke test
-of the GPU script when there is no CUDA device), serve (lorabot serve against the in-process engine). The
+of the GPU script when there is no CUDA device), serve (lorabot serve against the in-process engine),
+kv_memory (a long prompt among short chats, with the KV budget and without), llamacpp (lorabot beside
+llama.cpp on the same GGUF and adapters). The
 torch thread count is decided once, before anything runs (-1 = auto: all cores on an idle machine, 1 when
 other processes already use the CPU) and passed to each. Afterwards the headline figures are gathered
 into bench/results/summary.json with their baselines (measured in the same process as each figure) and
@@ -34,10 +36,17 @@ PLAN: list[tuple[str, list[str], list[str], int]] = [
     ("train", ["--examples", "160", "--dev", "128"], ["--examples", "32", "--dev", "16"], 360),
     ("gpu_check", [], [], 60),
     ("serve", ["--runs", "20"], ["--requests", "4", "--chats", "4", "--rounds", "1", "--runs", "3"], 300),
+    # RSS of one 2,000-token QA prompt among 15 short chats, with the KV budget and without.
+    ("kv_memory", [], ["--short", "3", "--long-tokens", "400"], 300),
+    # lorabot beside llama.cpp (its rows are skipped, with the reason, when llama-cpp-python is missing).
+    ("llamacpp", ["--rounds", "2"], ["--rounds", "1", "--runs", "1", "--new-tokens", "16", "--b16-new-tokens", "8",
+                                     "--classify-runs", "3"], 900),
 ]
 
 # (figure, results file, value key, baseline key, target, test(value, results), what the baseline is)
 FIGURES: list[tuple[str, str, str, str | None, str, Any, str]] = [
+    ("kv_mix_extra_mb", "kv_memory", "kv_mix_extra_mb", "kv_mix_extra_mb_unbounded", "below unbounded",
+     lambda v, r: v < r["kv_mix_extra_mb_unbounded"], "no KV budget (kv_token_budget = 0)"),
     ("sentiment_p50_ms", "latency", "sentiment_p50_ms", "sentiment_classify_p50_ms_peft", "<= 40 ms",
      lambda v, r: v <= 40, "PEFT backend (classify alone, alternating)"),
     ("mixed_vs_naive_16", "concurrency", "mixed_vs_naive_16", None, ">= 4x", lambda v, r: v >= 4,
@@ -57,11 +66,31 @@ FIGURES: list[tuple[str, str, str, str | None, str, Any, str]] = [
      "in-process engine, same workload, same run"),
     ("skills_sentiment_p50_ms", "serve", "skills_sentiment_p50_ms", "core_sentiment_p50_ms", "reported", None,
      "the same message through the core, no HTTP"),
+    # Against llama.cpp in the same run (bench.llamacpp, issue 15's goals); nothing to meet when it was skipped.
+    ("vs_llama_single", "llamacpp", "single_tok_s", "llamacpp_single_tok_s", "reported", None,
+     "llama.cpp, same GGUF, one chat"),
+    ("vs_llama_adapter", "llamacpp", "single_adapter_tok_s", "llamacpp_adapter_tok_s", ">= 1.2x llama.cpp",
+     lambda v, r: _vs(r, "llamacpp_adapter_tok_s", lambda b: v >= 1.2 * b), "llama.cpp, story LoRA as GGUF"),
+    ("vs_llama_16", "llamacpp", "aggregate_tok_s_16", "llamacpp_b16_tok_s", ">= 1.2x llama.cpp",
+     lambda v, r: _vs(r, "llamacpp_b16_tok_s", lambda b: v >= 1.2 * b), "llama.cpp, 16 sequences, no adapter"),
+    ("vs_llama_sentiment", "llamacpp", "sentiment_p50_ms", "llamacpp_classify_ms", "<= 0.5x llama.cpp's ms",
+     lambda v, r: _vs(r, "llamacpp_classify_ms", lambda b: v <= 0.5 * b), "llama.cpp, one decode, label logits"),
+    ("vs_llama_cold_start", "llamacpp", "cold_start_s", "llamacpp_cold_start_s", "<= 1.5 s", lambda v, r: v <= 1.5,
+     "llama.cpp"),
+    ("vs_llama_rss", "llamacpp", "rss_mb", "llamacpp_rss_mb", "<= 1.2x llama.cpp's MB",
+     lambda v, r: _vs(r, "llamacpp_rss_mb", lambda b: v <= 1.2 * b), "llama.cpp, the same adapters loaded"),
 ]
+
+
+def _vs(results: dict[str, Any], key: str, test: Any) -> bool | None:
+    """A goal relative to llama.cpp's figure; None (nothing to meet) when llama.cpp was not measured."""
+    baseline = results.get(key)
+    return bool(test(baseline)) if isinstance(baseline, int | float) and baseline else None
 
 # What no float32 engine could beat on this machine (bench.roofline): the floor under a latency, the
 # ceiling over a throughput, measured in the same process as the figure.
-MACHINE_LIMITS = {"sentiment_p50_ms": "sentiment_floor_ms", "aggregate_tok_s_16": "aggregate_ceiling_tok_s_16"}
+MACHINE_LIMITS = {"sentiment_p50_ms": "sentiment_floor_ms", "aggregate_tok_s_16": "aggregate_ceiling_tok_s_16",
+                  "vs_llama_single": "single_ceiling_tok_s"}
 
 
 def run(module: str, args: list[str], limit: int) -> dict[str, Any]:
@@ -91,9 +120,11 @@ def summary_rows(ran: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         ratio = None
         if isinstance(value, int | float) and isinstance(baseline, int | float) and baseline:
             lower_is_better = figure in ("sentiment_p50_ms", "hotload_ms", "cold_start_s", "rss_mb",
-                                         "skills_sentiment_p50_ms")
+                                         "skills_sentiment_p50_ms", "vs_llama_sentiment", "vs_llama_cold_start",
+                                         "vs_llama_rss")
             ratio = round(baseline / value if lower_is_better else value / baseline, 2)
-        met = bool(test(value, data)) if isinstance(value, int | float) and test is not None else None
+        verdict = test(value, data) if isinstance(value, int | float) and test is not None else None
+        met = None if verdict is None else bool(verdict)
         note = data.get("note") or data.get("skipped") or ("" if data else ran.get(file, {}).get("status", ""))
         rows.append({"figure": figure, "value": value, "baseline": baseline, "baseline_is": base_name,
                      "ratio": ratio, "target": target, "met": met,
