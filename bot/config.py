@@ -49,9 +49,9 @@ class EngineConfig:
     # KV memory bounds. One row (prompt + generated tokens) may use at most max_row_tokens cache columns
     # (0 = the model's context); all running rows together at most kv_token_budget (0 = max_batch x the
     # row limit). A request that does not fit waits for rows to finish instead of growing every row.
-    # 16,384 tokens: 16 chats of up to 1,024 tokens at once; ~380 MB in bfloat16 for the bundled model.
+    # 8,192 tokens: 16 chats of up to 512 tokens (or 8 of 1,024) at once; 360 MB in float32 for the bundled model.
     max_row_tokens: int = 0
-    kv_token_budget: int = 16384
+    kv_token_budget: int = 8192
     # backend = "openai": the model runs on an OpenAI-compatible server that serves the adapters by name
     # (vLLM, LoRAX, another machine's `lorabot serve`). base_url: its address (without /v1); api_key_env:
     # the environment variable holding its key (empty: none); timeout_s: the longest wait to connect or
