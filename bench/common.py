@@ -99,12 +99,30 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (Linux), in MB; NaN elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def rss_mb() -> float:
     """Resident set size of this process (MB), file-backed pages (mapped weights) included."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """The kernel's high-water mark of ``rss_mb`` (VmHWM), since start or since ``reset_peak_rss``."""
+    return _status_mb("VmHWM")
+
+
+def reset_peak_rss() -> None:
+    """Start the high-water mark afresh (Linux: clear_refs 5), so that loading does not count."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 RANDOM_ADAPTERS = (("sentiment", "sentiment"), ("ner", "ner"), ("qa", "qa"), ("story", "story"))

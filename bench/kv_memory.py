@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import choose_threads, rss_mb, set_threads, write_result
+from bench.common import choose_threads, peak_rss_mb, reset_peak_rss, rss_mb, set_threads, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 PARAGRAPH = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a "
@@ -31,18 +30,6 @@ PARAGRAPH = ("The Normans were the people who in the 10th and 11th centuries gav
              "Norway who, under their leader Rollo, agreed to swear fealty to King Charles III of West Francia. ")
 SHORT = ["What is the capital of France?", "Give me a tip for sleeping better.", "What is a prime number?",
          "How do plants make food?", "Name three colours.", "Why is the sky blue?"]
-
-
-def reset_peak() -> None:
-    """Start the kernel's RSS high-water mark afresh (Linux: clear_refs 5), so loading does not count."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 async def mix(budget: int | None, short: int, long_tokens: int) -> dict[str, Any]:
@@ -58,7 +45,7 @@ async def mix(budget: int | None, short: int, long_tokens: int) -> dict[str, Any
     try:
         await engine.generate(engine.chat_prompt([{"role": "user", "content": "Hello"}]),
                               SamplingParams(max_new_tokens=8), None)
-        reset_peak()
+        reset_peak_rss()
         settled_mb = rss_mb()
         text = PARAGRAPH
         while engine.count_tokens(text) < long_tokens:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import summary, write_result
+from bench.common import rss_mb, summary, write_result
 from bot.config import Config, load_config, replace
 from bot.messages import Incoming, Reply
 
@@ -50,17 +50,6 @@ MIX: list[tuple[str, str, int]] = [
 WORDS = {"adj": ["wonderful", "dull", "brave", "strange", "quiet"], "verb": ["happily", "never", "gladly"],
          "name": ["Angela Merkel", "Ada Lovelace", "Alan Turing"], "other": ["Emmanuel Macron", "Grace Hopper"],
          "city": ["Paris", "Berlin", "London"]}
-
-
-def rss_mb() -> float:
-    """Resident set size of this process, from /proc (Linux); NaN elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 @dataclass

@@ -44,9 +44,3 @@ def prompt_for(text: str) -> str | None:
             return theme
     return sentence if len(sentence.split()) >= 5 else None
 
-
-def key_words(theme: str) -> list[str]:
-    """The words of a theme a story about it should contain (names and nouns, roughly: no small words)."""
-    small = {"a", "an", "the", "who", "that", "was", "were", "in", "on", "at", "near", "to", "of", "and", "with",
-             "named", "little", "big", "small", "loved", "liked", "wanted", "wished", "very", "his", "her", "their"}
-    return [w for w in re.findall(r"[A-Za-z]+", theme) if w.lower() not in small and len(w) > 2]

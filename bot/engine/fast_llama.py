@@ -152,8 +152,8 @@ class SlotCache:
     Row ``i`` holds its tokens in columns ``0 .. lens[i] - 1``; rows ``0 .. n - 1`` are in use. Columns
     past a row's length may hold stale (finite) values: attention masks them, and ``written`` tracks how
     far each slot was written so that stale values from an earlier occupant are cleared on reuse.
-    With ``max_tokens``, the block (rows x columns) is never allocated larger than that: it is resized
-    to what the live rows need, not grown from the largest shape it ever had.
+    The block is sized from what the live rows need, not grown from the largest shape it ever had; with
+    ``max_tokens`` it is never allocated larger than that (rows x columns).
     """
 
     def __init__(self, fast: FastLlama, max_rows: int, max_len: int, max_tokens: int = 0):
@@ -177,19 +177,14 @@ class SlotCache:
             return
         f = self.fast
         width = max(self.written[: self.n], default=0)
-        if self.max_tokens:
-            # Sized from the live rows' needs, so a long row that has left does not keep every row wide.
-            need_cols = max(cols, width)
-            new_cols = max(need_cols, min(self.max_len, -(-need_cols // 128) * 128))
-            new_rows = max(rows, min(max(self.max_rows, rows), max(4, 2 * cap_rows)))
-            if new_rows * new_cols > self.max_tokens:
-                new_rows = max(rows, self.max_tokens // new_cols)
+        # Sized from the live rows' needs, so a long row that has left does not keep every row wide.
+        need_cols = max(cols, width)
+        new_cols = max(need_cols, min(self.max_len, -(-need_cols // 128) * 128))
+        new_rows = max(rows, min(max(self.max_rows, rows), max(4, 2 * cap_rows)))
+        if self.max_tokens and new_rows * new_cols > self.max_tokens:
+            new_rows = max(rows, self.max_tokens // new_cols)
             if new_rows * new_cols > self.max_tokens:
                 new_cols = max(need_cols, self.max_tokens // new_rows)
-        else:
-            new_rows = max(rows, cap_rows, min(max(self.max_rows, rows), max(4, 2 * cap_rows)))
-            new_cols = max(cols, cap_cols)
-            new_cols = max(cols, min(self.max_len, -(-new_cols // 128) * 128))
         kv = torch.zeros((f.n_layers, new_rows, 2, f.n_kv, new_cols, f.head_dim), dtype=f.dtype, device=f.device)
         if self.kv is not None and self.n:
             kv[:, : self.n, :, :, :width] = self.kv[:, : self.n, :, :, :width]
@@ -236,9 +231,9 @@ class SlotCache:
 
     @torch.inference_mode()
     def _shrink_columns(self) -> None:
-        """With a token budget: once the widest rows have left, give back the columns only they used
-        (at least half the block), so a finished long prompt does not keep its memory for ever."""
-        if not self.max_tokens or self.kv is None or not self.n:
+        """Once the widest rows have left, give back the columns only they used (at least half the
+        block), so a finished long prompt does not keep its memory for ever."""
+        if self.kv is None or not self.n:
             return
         width = max(self.written[: self.n])
         cols = -(-(width + 1) // 128) * 128   # room for the next step without growing again

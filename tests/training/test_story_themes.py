@@ -9,7 +9,7 @@ from pathlib import Path
 from bot.skills import StoryFormat
 from training.data import TextExample, read_text, select
 from training.dataspec import DataSpec
-from training.story_themes import key_words, prompt_for
+from training.story_themes import prompt_for
 
 
 def test_a_character_and_place_become_the_theme() -> None:
@@ -51,11 +51,6 @@ def test_the_option_fills_in_untitled_stories_only(tmp_path: Path) -> None:
     assert [e.title for e in plain] == [None, "The Fox"]
     assert themed == [TextExample(text=rows[0]["text"], title="a girl named Mia who liked to sing"),
                       TextExample(text=rows[1]["text"], title="The Fox")]
-
-
-def test_key_words_are_the_names_and_nouns() -> None:
-    assert key_words("a fox who wanted to fly") == ["fox", "fly"]
-    assert key_words("a rhinoceros named Roxy, in a big forest") == ["rhinoceros", "Roxy", "forest"]
 
 
 def test_the_evaluation_themes_are_fifty_with_key_words_and_not_from_the_training_data() -> None:
