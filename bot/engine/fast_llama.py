@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from bot.engine import kernels
+from bot.engine.decode_native import NativeDecode
 from bot.engine.weights import read_safetensors
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -249,10 +251,12 @@ class FastLlama:
     KERNEL_MAX_ROWS = 64  # above this many rows the bundled BLAS is as fast (measured)
 
     def __init__(self, cfg: Any, weights: dict[str, torch.Tensor], *, max_context: int = 2048,
-                 cpu_kernel: bool = True, inv_freq: torch.Tensor | None = None, attention_scaling: float = 1.0):
+                 cpu_kernel: bool = True, inv_freq: torch.Tensor | None = None, attention_scaling: float = 1.0,
+                 native_step: bool = True):
         """``cfg``: a Llama config; ``weights``: its tensors by transformers' names ("model.layers.0.
         self_attn.q_proj.weight", ...; ``lm_head.weight`` may be absent when tied to the embeddings).
-        ``inv_freq``: RoPE frequencies (default: computed from ``cfg``)."""
+        ``inv_freq``: RoPE frequencies (default: computed from ``cfg``). ``native_step``: decode with
+        ``bot.engine.decode_native`` where the kernel is built (False: the Python layers, for comparison)."""
         reason = unsupported_config(cfg)
         if reason:
             raise ValueError(reason)
@@ -293,6 +297,10 @@ class FastLlama:
         self._sel_cache: dict[tuple[str | None, ...], _Sel | None] = {}
         use_kernel = cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32
         self.kernel = kernels.load() if use_kernel else None
+        self.native: NativeDecode | None = None
+        if self.kernel is not None and native_step and not os.environ.get("LORABOT_PYTHON_STEP"):
+            native = NativeDecode(self, self.kernel)
+            self.native = None if native.why_not else native
 
     @classmethod
     def from_model(cls, model: Any, *, max_context: int = 2048, cpu_kernel: bool = True) -> FastLlama:
@@ -616,7 +624,11 @@ class FastLlama:
             return out.reshape(n, -1)
 
         x = self._rows(self.embed, torch.tensor(tokens, device=self.device))
-        h = self._run_layers(x, lens, self._selection(adapters), attend)
+        if self.native is not None and kv.is_contiguous():
+            h = x.contiguous()
+            self.native.step(h, cache.lens, kv, self._selection(adapters), torch.get_num_threads())
+        else:
+            h = self._run_layers(x, lens, self._selection(adapters), attend)
         for i in range(n):
             cache.lens[i] += 1
             cache.written[i] = max(cache.written[i], cache.lens[i])

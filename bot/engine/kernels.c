@@ -2,6 +2,8 @@
 #include <omp.h>
 #include <string.h>
 
+#include "kernels.h"
+
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
     lo = _mm_add_ps(lo, hi);
@@ -63,22 +65,6 @@ static void tile1(const float *x, const float *w, long ldw, long K, float *y, in
     for (int j = 0; j < nr; j++) y[j] = add ? y[j] + r[j] : r[j];
 }
 
-/* y[M, N] (row stride ldy) (+)= x[M, K] (row stride ldx) @ w[N, K]^T (row stride ldw);  K % 8 == 0. */
-void lb_linear(const float *x, long ldx, const float *w, long ldw, float *y, long ldy, long M, long N, long K,
-               int add, int threads) {
-    long blocks = (N + 3) / 4;
-    long chunk = blocks / (threads * 8L);
-    if (chunk < 1) chunk = 1;
-    #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1 && blocks > 8)
-    for (long b = 0; b < blocks; b++) {
-        long n = b * 4;
-        int nr = (int)(N - n < 4 ? N - n : 4);
-        long m = 0;
-        for (; m + 3 <= M; m += 3) tile3(x + m * ldx, ldx, w + n * ldw, ldw, K, y + m * ldy + n, ldy, nr, add);
-        for (; m < M; m++) tile1(x + m * ldx, w + n * ldw, ldw, K, y + m * ldy + n, nr, add);
-    }
-}
-
 /* GGUF Q4_1 rows to fp32. A 20-byte block holds 32 weights: fp16 d, fp16 m, then 16 bytes whose low
    nibbles are weights 0..15 and high nibbles 16..31; w = d*q + m. d*q is exact in fp32 (11 x 4 bits), so
    this equals the reference dequantisation bit for bit, fused multiply-add or not. */
@@ -124,38 +110,132 @@ static void q80_rows(const unsigned char *w, long ldw, int nr, long K, float *ou
 
 typedef void (*rows_fn)(const unsigned char *, long, int, long, float *);
 
-/* lb_linear with block-quantised weights (ldw in bytes, K % 32 == 0): each thread expands four weight
-   rows at a time into a small fp32 panel and runs the same tiles over it, so the sums are lb_linear's
-   exactly while the weights stay 0.625 (Q4_1) or 1.06 (Q8_0) bytes each in memory instead of 4. */
-static void linear_blocks(rows_fn expand, const float *x, long ldx, const unsigned char *w, long ldw, float *y,
-                          long ldy, long M, long N, long K, int add, int threads) {
-    long blocks = (N + 3) / 4;
-    long chunk = blocks / (threads * 8L);
-    if (chunk < 1) chunk = 1;
-    #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 8)
-    {
-        float *panel = (float *)_mm_malloc(4 * K * sizeof(float), 32);
-        #pragma omp for schedule(dynamic, chunk)
-        for (long b = 0; b < blocks; b++) {
-            long n = b * 4;
-            int nr = (int)(N - n < 4 ? N - n : 4);
-            expand(w + n * ldw, ldw, nr, K, panel);
-            long m = 0;
-            for (; m + 3 <= M; m += 3) tile3(x + m * ldx, ldx, panel, K, K, y + m * ldy + n, ldy, nr, add);
-            for (; m < M; m++) tile1(x + m * ldx, panel, K, K, y + m * ldy + n, nr, add);
+/* One row of x against four Q4_1 rows, expanded in registers (no panel): at one row the panel's store and
+   reload cost more than the arithmetic. The weights are the reference dequantisation's exactly (d*q is
+   exact, so one rounding either way); two accumulators per row hide the FMA latency. */
+static void q41_dot4(const float *x, const unsigned char *w, long ldw, int nr, long K, float *y, int add) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const unsigned char *rows[4] = {w, w + (nr > 1 ? ldw : 0), w + (nr > 2 ? 2 * ldw : 0), w + (nr > 3 ? 3 * ldw : 0)};
+    __m256 a[4], b[4];
+    for (int r = 0; r < 4; r++) a[r] = b[r] = _mm256_setzero_ps();
+    for (long blk = 0; blk < K / 32; blk++) {
+        const float *xb = x + blk * 32;
+        __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
+        __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
+        for (int r = 0; r < 4; r++) {
+            const unsigned char *bp = rows[r] + blk * 20;
+            unsigned short hd, hm;
+            memcpy(&hd, bp, 2);
+            memcpy(&hm, bp + 2, 2);
+            __m256 d = _mm256_set1_ps(_cvtsh_ss(hd)), m = _mm256_set1_ps(_cvtsh_ss(hm));
+            __m128i q = _mm_loadu_si128((const __m128i *)(bp + 4));
+            __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+            __m256 w0 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), m);
+            __m256 w1 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), m);
+            __m256 w2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), m);
+            __m256 w3 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), m);
+            a[r] = _mm256_fmadd_ps(x0, w0, a[r]);
+            b[r] = _mm256_fmadd_ps(x1, w1, b[r]);
+            a[r] = _mm256_fmadd_ps(x2, w2, a[r]);
+            b[r] = _mm256_fmadd_ps(x3, w3, b[r]);
         }
-        _mm_free(panel);
+    }
+    for (int j = 0; j < nr; j++) {
+        float s = hsum(_mm256_add_ps(a[j], b[j]));
+        y[j] = add ? y[j] + s : s;
     }
 }
 
+/* The same for Q8_0 rows. */
+static void q80_dot4(const float *x, const unsigned char *w, long ldw, int nr, long K, float *y, int add) {
+    const unsigned char *rows[4] = {w, w + (nr > 1 ? ldw : 0), w + (nr > 2 ? 2 * ldw : 0), w + (nr > 3 ? 3 * ldw : 0)};
+    __m256 a[4], b[4];
+    for (int r = 0; r < 4; r++) a[r] = b[r] = _mm256_setzero_ps();
+    for (long blk = 0; blk < K / 32; blk++) {
+        const float *xb = x + blk * 32;
+        for (int r = 0; r < 4; r++) {
+            const unsigned char *bp = rows[r] + blk * 34;
+            unsigned short hd;
+            memcpy(&hd, bp, 2);
+            __m256 d = _mm256_set1_ps(_cvtsh_ss(hd));
+            for (int p = 0; p < 4; p += 2) {
+                __m128i q0 = _mm_loadl_epi64((const __m128i *)(bp + 2 + 8 * p));
+                __m128i q1 = _mm_loadl_epi64((const __m128i *)(bp + 10 + 8 * p));
+                __m256 w0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)));
+                __m256 w1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)));
+                a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * p), w0, a[r]);
+                b[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * p + 8), w1, b[r]);
+            }
+        }
+    }
+    for (int j = 0; j < nr; j++) {
+        float s = hsum(_mm256_add_ps(a[j], b[j]));
+        y[j] = add ? y[j] + s : s;
+    }
+}
+
+void lb_mm_for(const lb_mat *w, const float *x, long ldx, float *y, long ldy, long M, int add, float *panel) {
+    long N = w->n, K = w->k, blocks = (N + 3) / 4;
+    long chunk = blocks / (omp_get_num_threads() * 8L);
+    if (chunk < 1) chunk = 1;
+    #pragma omp for schedule(dynamic, chunk) nowait
+    for (long b = 0; b < blocks; b++) {
+        long n = b * 4;
+        int nr = (int)(N - n < 4 ? N - n : 4);
+        const float *wf;
+        long ldw;
+        if (w->kind == LB_F32) {
+            wf = (const float *)w->w + n * w->ld;
+            ldw = w->ld;
+        } else {
+            const unsigned char *wq = (const unsigned char *)w->w + n * w->ld;
+            if (M == 1) {
+                (w->kind == LB_Q41 ? q41_dot4 : q80_dot4)(x, wq, w->ld, nr, K, y + n, add);
+                continue;
+            }
+            (w->kind == LB_Q41 ? q41_rows : q80_rows)(wq, w->ld, nr, K, panel);
+            wf = panel;
+            ldw = K;
+        }
+        long m = 0;
+        for (; m + 3 <= M; m += 3) tile3(x + m * ldx, ldx, wf, ldw, K, y + m * ldy + n, ldy, nr, add);
+        for (; m < M; m++) tile1(x + m * ldx, wf, ldw, K, y + m * ldy + n, nr, add);
+    }
+}
+
+/* One matmul with its own parallel region (the threads split w's rows dynamically: a thread that the OS
+   deschedules does not hold the others back). */
+static void mm(const lb_mat *w, const float *x, long ldx, float *y, long ldy, long M, int add, int threads) {
+    long blocks = (w->n + 3) / 4;
+    #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 8)
+    {
+        float *panel = w->kind == LB_F32 ? NULL : (float *)_mm_malloc(4 * w->k * sizeof(float), 32);
+        lb_mm_for(w, x, ldx, y, ldy, M, add, panel);
+        if (panel) _mm_free(panel);
+    }
+}
+
+/* y[M, N] (row stride ldy) (+)= x[M, K] (row stride ldx) @ w[N, K]^T (row stride ldw);  K % 8 == 0. */
+void lb_linear(const float *x, long ldx, const float *w, long ldw, float *y, long ldy, long M, long N, long K,
+               int add, int threads) {
+    lb_mat m = {LB_F32, w, ldw, N, K};
+    mm(&m, x, ldx, y, ldy, M, add, threads);
+}
+
+/* lb_linear with block-quantised weights (ldw in bytes, K % 32 == 0): each thread expands four weight
+   rows at a time into a small fp32 panel and runs the same tiles over it (or, for one row, expands them in
+   registers), so the sums are lb_linear's up to summation order while the weights stay 0.625 (Q4_1) or
+   1.06 (Q8_0) bytes each in memory instead of 4. */
 void lb_linear_q41(const float *x, long ldx, const unsigned char *w, long ldw, float *y, long ldy, long M, long N,
                    long K, int add, int threads) {
-    linear_blocks(q41_rows, x, ldx, w, ldw, y, ldy, M, N, K, add, threads);
+    lb_mat m = {LB_Q41, w, ldw, N, K};
+    mm(&m, x, ldx, y, ldy, M, add, threads);
 }
 
 void lb_linear_q80(const float *x, long ldx, const unsigned char *w, long ldw, float *y, long ldy, long M, long N,
                    long K, int add, int threads) {
-    linear_blocks(q80_rows, x, ldx, w, ldw, y, ldy, M, N, K, add, threads);
+    lb_mat m = {LB_Q80, w, ldw, N, K};
+    mm(&m, x, ldx, y, ldy, M, add, threads);
 }
 
 /* Whole rows to fp32 [N, K] (embedding lookups, a few label rows of the output layer, tests). */

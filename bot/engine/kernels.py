@@ -31,6 +31,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SOURCE_PATH = Path(__file__).with_name("kernels.c")
+# Built into the same library: the header both include, and a whole decode step (bot.engine.decode_native).
+SOURCES = (SOURCE_PATH, SOURCE_PATH.with_name("decode_step.c"))
+HEADER = SOURCE_PATH.with_name("kernels.h")
 
 _lib: Any = None
 _status: KernelStatus | None = None
@@ -69,7 +72,7 @@ def _build() -> tuple[Any, KernelStatus]:
     if found is None:
         return None, KernelStatus(False, "no C compiler (cc or gcc) on PATH")
     compiler, version = found
-    source = SOURCE_PATH.read_text(encoding="utf-8")
+    source = "\0".join(p.read_text(encoding="utf-8") for p in (*SOURCES, HEADER))
     flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
     # A different compiler (or version) may build different code: it gets its own cached library.
     digest = hashlib.sha256("\0".join([source, " ".join(flags), compiler, version]).encode()).hexdigest()[:16]
@@ -78,7 +81,7 @@ def _build() -> tuple[Any, KernelStatus]:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            done = subprocess.run([compiler, *flags, str(SOURCE_PATH), "-o", str(out)], capture_output=True,
+            done = subprocess.run([compiler, *flags, *map(str, SOURCES), "-lm", "-o", str(out)], capture_output=True,
                                   text=True, timeout=120)
             if done.returncode != 0:
                 return None, KernelStatus(False, f"the build failed: {done.stderr.strip()[:300]}",
@@ -96,6 +99,9 @@ def _build() -> tuple[Any, KernelStatus]:
     lib.lb_linear_q80.restype = None
     lib.lb_dequant_q80.argtypes = lib.lb_dequant_q41.argtypes
     lib.lb_dequant_q80.restype = None
+    lib.lb_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    lib.lb_decode_step.restype = None
     return lib, KernelStatus(True, "", path=str(target), compiler=version)
 
 

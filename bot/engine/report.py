@@ -113,6 +113,9 @@ def describe(config: Config) -> dict[str, Any]:
                     "gguf": str(base.gguf) if base.gguf else None}
     out["engine"] = {"backend": backend, "why": why, "dtype": str(dtype).removeprefix("torch."),
                      "weights": weights, "max_batch": config.engine.max_batch,
+                     "decode_step": ("native: all layers in one call (LORABOT_PYTHON_STEP=1: the Python layers)"
+                                     if status and status.built and backend == "fast" and
+                                     not os.environ.get("LORABOT_PYTHON_STEP") else "the Python layers"),
                      "kv_cache": _kv_cache(config, base.path, dtype)}
     from bot.engine import base_signature
 

@@ -1,0 +1,116 @@
+"""A whole decode step in one native call (``decode_step.c``), for ``FastLlama`` on a CPU with the kernel.
+
+Python describes the model once (pointers to the weights where they already are: float32 tensors or GGUF
+blocks, the norms, the RoPE tables) and, per step, which LoRA rows each row uses; the C code runs every
+layer with its threads forked once. ``why_not`` says when a model cannot take this path; the Python
+layers (``FastLlama._run_layers``) are then used, with the same results up to summation order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from bot.engine import kernels
+
+c_int, c_long, c_float, c_void_p = ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_void_p
+KIND = {kernels.Q41Weight: 1, kernels.Q80Weight: 2}
+GROUP_ORDER = ("qkv", "o", "gu", "down")
+
+
+class Mat(ctypes.Structure):
+    _fields_ = [("kind", c_int), ("w", c_void_p), ("ld", c_long), ("n", c_long), ("k", c_long)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("ln1", c_void_p), ("ln2", c_void_p),
+                *[(name, Mat) for name in ("q", "k", "v", "o", "gate", "up", "down")]]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [("n_layers", c_int), ("hidden", c_int), ("n_heads", c_int), ("n_kv", c_int), ("head_dim", c_int),
+                ("inter", c_int), ("eps", c_float), ("scale", c_float), ("layers", ctypes.POINTER(Layer)),
+                ("cos", c_void_p), ("sin", c_void_p)]
+
+
+class Lora(ctypes.Structure):
+    _fields_ = [("A", c_void_p), ("lda", c_long), ("a_layer", c_long), ("B", c_void_p), ("ldb", c_long),
+                ("b_layer", c_long), ("mult", c_void_p), ("ldm", c_long), ("r", c_long)]
+
+
+def _mat(w: Any, rows: int, cols: int) -> Mat | str:
+    if isinstance(w, kernels.QuantWeight):
+        if w.shape != (rows, cols):
+            return f"a weight of shape {w.shape} where {(rows, cols)} was expected"
+        return Mat(KIND[type(w)], w.blocks.data_ptr(), w.blocks.stride(0), rows, cols)
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or w.device.type != "cpu":
+        return "weights that are not float32 on the CPU"
+    if tuple(w.shape) != (rows, cols) or w.stride(1) != 1 or cols % 8:
+        return f"a weight of shape {tuple(w.shape)} (strides {w.stride()}) the kernel cannot stream"
+    return Mat(0, w.data_ptr(), w.stride(0), rows, cols)
+
+
+class NativeDecode:
+    """The C description of one ``FastLlama`` (keeps what it points at alive through ``fast``)."""
+
+    def __init__(self, fast: Any, lib: Any):
+        self.fast, self.lib = fast, lib
+        self.why_not = self._describe()
+
+    def _describe(self) -> str:
+        f = self.fast
+        if f.device.type != "cpu" or f.dtype != torch.float32:
+            return f"the model runs in {f.dtype} on {f.device.type}, the native step needs float32 on the CPU"
+        if f.hidden % 8 or f.q_dim % 8 or f.inter % 8:
+            return "the model's dimensions are not multiples of 8"
+        D, qd, kvd, inter = f.hidden, f.q_dim, f.kv_dim, f.inter
+        layers = (Layer * f.n_layers)()
+        for i, lw in enumerate(f.layers):
+            for norm in (lw.ln1, lw.ln2):
+                if norm.dtype != torch.float32 or not norm.is_contiguous():
+                    return "norm weights that are not contiguous float32"
+            q, k, v = lw.wqkv
+            shapes = {"q": (q, qd, D), "k": (k, kvd, D), "v": (v, kvd, D), "o": (lw.wo[0], D, qd),
+                      "gate": (lw.wgu[0], inter, D), "up": (lw.wgu[1], inter, D), "down": (lw.wdown[0], D, inter)}
+            layers[i].ln1, layers[i].ln2 = lw.ln1.data_ptr(), lw.ln2.data_ptr()
+            for name, (w, rows, cols) in shapes.items():
+                mat = _mat(w, rows, cols)
+                if isinstance(mat, str):
+                    return f"layer {i} {name}_proj: {mat}"
+                setattr(layers[i], name, mat)
+        for table in (f._cos, f._sin):
+            if not table.is_contiguous():
+                return "RoPE tables that are not contiguous"
+        self.layers = layers
+        self.model = Model(f.n_layers, D, f.n_heads, f.n_kv, f.head_dim, inter, f.eps, f.scale, layers,
+                           f._cos.data_ptr(), f._sin.data_ptr())
+        return ""
+
+    def _lora(self, sel: Any) -> Any:
+        if sel is None:
+            return None
+        groups = (Lora * 4)()
+        for j, g in enumerate(GROUP_ORDER):
+            s = sel.groups[g]
+            if s is None:
+                continue
+            lo, hi, mult = s
+            stack = self.fast._stacks[g]
+            A, B = stack.A, stack.B
+            assert mult.is_contiguous() and mult.dtype == torch.float32
+            groups[j] = Lora(A.data_ptr() + lo * A.stride(1) * 4, A.stride(1), A.stride(0),
+                             B.data_ptr() + lo * 4, B.stride(1), B.stride(0),
+                             mult.data_ptr(), mult.shape[1] if mult.shape[0] > 1 else 0, hi - lo)
+        return groups
+
+    def step(self, x: torch.Tensor, lens: list[int], kv: torch.Tensor, sel: Any, threads: int) -> None:
+        """Run every layer on ``x`` [n, hidden] in place (the rows' embeddings in, their last hidden
+        states out); row i's new keys/values go to column ``lens[i]`` of ``kv`` (a contiguous SlotCache
+        block)."""
+        n = x.shape[0]
+        assert x.is_contiguous() and x.dtype == torch.float32 and kv.is_contiguous() and len(lens) == n
+        lora = self._lora(sel)
+        self.lib.lb_decode_step(ctypes.byref(self.model), lora, n, x.data_ptr(), (c_long * n)(*lens),
+                                kv.data_ptr(), kv.shape[1], kv.shape[4], threads)

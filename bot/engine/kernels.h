@@ -1,0 +1,22 @@
+/* What kernels.c shares with decode_step.c (both are built into one library by bot/engine/kernels.py). */
+#ifndef LB_KERNELS_H
+#define LB_KERNELS_H
+
+enum { LB_F32 = 0, LB_Q41 = 1, LB_Q80 = 2 };
+
+/* A weight matrix w[n, k] used as y = x @ w^T: float32 rows (ld in floats, k % 8 == 0) or GGUF
+   Q4_1 / Q8_0 block rows (ld in bytes, k % 32 == 0). */
+typedef struct {
+    int kind;
+    const void *w;
+    long ld;
+    long n;
+    long k;
+} lb_mat;
+
+/* y[M, n] (+)= x[M, k] @ w^T for this thread's share of w's rows. Call it from inside a parallel region
+   (or outside one: then it does all of them); no barrier at its end. panel: 4 * k floats of this
+   thread's own (used only for block weights with M > 1). */
+void lb_mm_for(const lb_mat *w, const float *x, long ldx, float *y, long ldy, long M, int add, float *panel);
+
+#endif

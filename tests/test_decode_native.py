@@ -1,0 +1,81 @@
+"""The native decode step (bot/engine/decode_step.c) against the Python layers it replaces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bot.engine import kernels
+from bot.engine.fast_llama import FastLlama
+from bot.engine.light_model import load_light
+
+pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no AVX2 compiler/CPU: no native step")
+SHIPPED = Path(__file__).resolve().parents[1] / "adapters"
+
+
+def decode_both(model, adapters: dict[str, Path], prompts: list[list[int]], names: list[str | None],
+                steps: int) -> list[list[tuple[torch.Tensor, list[int]]]]:
+    """Greedy decoding of the same batch with the native step and with the Python layers."""
+    runs = []
+    for native in (True, False):
+        fast = FastLlama(model.config, model.weights, native_step=native)
+        assert (fast.native is not None) is native
+        for name, path in adapters.items():
+            fast.add_adapter(name, path)
+        cache = fast.new_cache(len(prompts))
+        res = cache.reserve(len(prompts), max(map(len, prompts)))
+        logits = fast.prefill(prompts, names, res)
+        cache.commit(res)
+        out = []
+        for _ in range(steps):
+            tokens = logits.argmax(-1).tolist()
+            logits = fast.decode(cache, tokens, names)
+            out.append((logits, tokens))
+        runs.append(out)
+    return runs
+
+
+def assert_same(runs: list, atol: float) -> None:
+    for (a, ta), (b, tb) in zip(*runs, strict=True):
+        assert ta == tb
+        assert torch.allclose(a, b, atol=atol, rtol=1e-4), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("names", [[None], ["story"], [None, "qa", "story", "qa", "ner"]])
+def test_the_native_step_decodes_as_the_python_layers_on_a_random_model(tiny_base: Path, tiny_adapters: Path,
+                                                                        names: list) -> None:
+    # Rank 4 on every projection: the q/k/v group stacks 12 LoRA rows (the scalar path), gate/up 8 (the kernel).
+    model, tok = load_light(tiny_base, dtype="float32")
+    adapters = {a: tiny_adapters / a for a in ("qa", "story", "ner")}
+    texts = ["Hello there", "Once upon a time, in a forest far away", "Q", "Bonn is on the Rhine.", "Tell me"]
+    prompts = [tok(t).input_ids for t in texts[:len(names)]]
+    assert_same(decode_both(model, adapters, prompts, names, steps=20), atol=1e-3)
+
+
+def test_the_native_step_decodes_as_the_python_layers_on_the_bundled_quantised_model(bundled_dir: Path) -> None:
+    from bot.engine.loading import BUNDLED, resolve_base
+
+    ref = resolve_base(BUNDLED, progress=False)
+    model, tok = load_light(ref.path, dtype="float32", gguf=ref.gguf)
+    assert isinstance(model.weights["model.layers.0.mlp.down_proj.weight"], kernels.QuantWeight)
+    adapters = {a: SHIPPED / a for a in ("qa", "story")}
+    prompts = [tok(t).input_ids for t in ("Context: Bonn is on the Rhine.\nQuestion: Where is Bonn?\nAnswer:",
+                                          "Once upon a time", "Hello, how are you")]
+    assert_same(decode_both(model, adapters, prompts[:1], [None], steps=12), atol=1e-3)
+    assert_same(decode_both(model, adapters, prompts, ["qa", "story", None], steps=12), atol=1e-3)
+
+
+def test_a_model_the_native_step_cannot_run_falls_back_to_the_python_layers(tiny_base: Path) -> None:
+    model, _ = load_light(tiny_base, dtype="bfloat16")
+    fast = FastLlama(model.config, model.weights)
+    assert fast.native is None   # bfloat16: no kernel at all, so no native step either
+    model, _ = load_light(tiny_base, dtype="float32")
+    weights = dict(model.weights)
+    name = "model.layers.1.mlp.up_proj.weight"
+    weights[name] = weights[name].t().contiguous().t()   # column-major: not a layout the kernel streams
+    from bot.engine.decode_native import NativeDecode
+
+    fast = FastLlama(model.config, weights, native_step=False)
+    assert "layer 1 up_proj" in NativeDecode(fast, kernels.load()).why_not
