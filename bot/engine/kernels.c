@@ -65,11 +65,24 @@ static void tile1(const float *x, const float *w, long ldw, long K, float *y, in
     for (int j = 0; j < nr; j++) y[j] = add ? y[j] + r[j] : r[j];
 }
 
+/* The 32 nibbles of a Q4_1 block (16 bytes: low nibbles are weights 0..15, high ones 16..31) as floats,
+   exactly: a nibble ORed into the mantissa of 2^23 and 2^23 subtracted again (cheaper than int->float
+   conversion, and the same value). */
+static inline void nibbles(const unsigned char *qs, __m256 q[4]) {
+    const __m256i low4 = _mm256_set1_epi32(0x0F), magic = _mm256_set1_epi32(0x4B000000);
+    const __m256 fmagic = _mm256_set1_ps(8388608.0f);
+    __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qs));
+    __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8)));
+    q[0] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(b0, low4), magic)), fmagic);
+    q[1] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(b1, low4), magic)), fmagic);
+    q[2] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_srli_epi32(b0, 4), magic)), fmagic);
+    q[3] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_srli_epi32(b1, 4), magic)), fmagic);
+}
+
 /* GGUF Q4_1 rows to fp32. A 20-byte block holds 32 weights: fp16 d, fp16 m, then 16 bytes whose low
    nibbles are weights 0..15 and high nibbles 16..31; w = d*q + m. d*q is exact in fp32 (11 x 4 bits), so
    this equals the reference dequantisation bit for bit, fused multiply-add or not. */
 static void q41_rows(const unsigned char *w, long ldw, int nr, long K, float *out) {
-    const __m128i low4 = _mm_set1_epi8(0x0F);
     for (int r = 0; r < nr; r++) {
         const unsigned char *row = w + r * ldw;
         float *o = out + r * K;
@@ -79,13 +92,9 @@ static void q41_rows(const unsigned char *w, long ldw, int nr, long K, float *ou
             memcpy(&hd, blk, 2);
             memcpy(&hm, blk + 2, 2);
             __m256 d = _mm256_set1_ps(_cvtsh_ss(hd)), m = _mm256_set1_ps(_cvtsh_ss(hm));
-            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-            __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
-            __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-            for (int p = 0; p < 4; p++) {
-                __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p]));
-                _mm256_storeu_ps(o + 8 * p, _mm256_add_ps(_mm256_mul_ps(d, f), m));
-            }
+            __m256 q[4];
+            nibbles(blk + 4, q);
+            for (int p = 0; p < 4; p++) _mm256_storeu_ps(o + 8 * p, _mm256_add_ps(_mm256_mul_ps(d, q[p]), m));
         }
     }
 }
@@ -114,7 +123,6 @@ typedef void (*rows_fn)(const unsigned char *, long, int, long, float *);
    reload cost more than the arithmetic. The weights are the reference dequantisation's exactly (d*q is
    exact, so one rounding either way); two accumulators per row hide the FMA latency. */
 static void q41_dot4(const float *x, const unsigned char *w, long ldw, int nr, long K, float *y, int add) {
-    const __m128i low4 = _mm_set1_epi8(0x0F);
     const unsigned char *rows[4] = {w, w + (nr > 1 ? ldw : 0), w + (nr > 2 ? 2 * ldw : 0), w + (nr > 3 ? 3 * ldw : 0)};
     __m256 a[4], b[4];
     for (int r = 0; r < 4; r++) a[r] = b[r] = _mm256_setzero_ps();
@@ -122,22 +130,18 @@ static void q41_dot4(const float *x, const unsigned char *w, long ldw, int nr, l
         const float *xb = x + blk * 32;
         __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
         __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
+        #pragma GCC unroll 4
         for (int r = 0; r < 4; r++) {
             const unsigned char *bp = rows[r] + blk * 20;
             unsigned short hd, hm;
             memcpy(&hd, bp, 2);
             memcpy(&hm, bp + 2, 2);
-            __m256 d = _mm256_set1_ps(_cvtsh_ss(hd)), m = _mm256_set1_ps(_cvtsh_ss(hm));
-            __m128i q = _mm_loadu_si128((const __m128i *)(bp + 4));
-            __m128i lo = _mm_and_si128(q, low4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
-            __m256 w0 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), m);
-            __m256 w1 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), m);
-            __m256 w2 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), m);
-            __m256 w3 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), m);
-            a[r] = _mm256_fmadd_ps(x0, w0, a[r]);
-            b[r] = _mm256_fmadd_ps(x1, w1, b[r]);
-            a[r] = _mm256_fmadd_ps(x2, w2, a[r]);
-            b[r] = _mm256_fmadd_ps(x3, w3, b[r]);
+            __m256 d = _mm256_set1_ps(_cvtsh_ss(hd)), m = _mm256_set1_ps(_cvtsh_ss(hm)), q[4];
+            nibbles(bp + 4, q);
+            a[r] = _mm256_fmadd_ps(x0, _mm256_fmadd_ps(d, q[0], m), a[r]);
+            b[r] = _mm256_fmadd_ps(x1, _mm256_fmadd_ps(d, q[1], m), b[r]);
+            a[r] = _mm256_fmadd_ps(x2, _mm256_fmadd_ps(d, q[2], m), a[r]);
+            b[r] = _mm256_fmadd_ps(x3, _mm256_fmadd_ps(d, q[3], m), b[r]);
         }
     }
     for (int j = 0; j < nr; j++) {
