@@ -46,6 +46,10 @@ class EngineConfig:
     # as they are in the file, expanded inside the kernel (the same values as the converted float32 copy;
     # measured RSS 483 MB instead of 817 MB).
     quantized: bool = True
+    # Opt-in and approximate: decode steps multiply the quantised weights with activations rounded to int8
+    # per block of 32, in integers, as llama.cpp does (faster; outputs can differ from the exact path's,
+    # the README gives both paths' dev scores). Off: every product is float32, greedy outputs equal PEFT's.
+    int8_activations: bool = False
     # KV memory bounds. One row (prompt + generated tokens) may use at most max_row_tokens cache columns
     # (0 = the model's context); all running rows together at most kv_token_budget (0 = max_batch x the
     # row limit). A request that does not fit waits for rows to finish instead of growing every row.

@@ -79,3 +79,34 @@ def test_a_model_the_native_step_cannot_run_falls_back_to_the_python_layers(tiny
 
     fast = FastLlama(model.config, weights, native_step=False)
     assert "layer 1 up_proj" in NativeDecode(fast, kernels.load()).why_not
+
+
+def test_int8_activations_stay_close_to_the_exact_path_and_are_off_by_default(bundled_dir: Path) -> None:
+    from bot.config import EngineConfig
+    from bot.engine.loading import BUNDLED, resolve_base
+
+    assert EngineConfig().int8_activations is False
+    ref = resolve_base(BUNDLED, progress=False)
+    model, tok = load_light(ref.path, dtype="float32", gguf=ref.gguf)
+    prompt = tok("Context: Bonn is on the Rhine.\nQuestion: Where is Bonn?\nAnswer:").input_ids
+    runs = []
+    for int8 in (False, True):
+        fast = FastLlama(model.config, model.weights, int8_activations=int8)
+        fast.add_adapter("qa", SHIPPED / "qa")
+        cache = fast.new_cache(1)
+        res = cache.reserve(1, len(prompt))
+        logits = fast.prefill([prompt], ["qa"], res)   # prefill is float32 either way
+        cache.commit(res)
+        tokens, out = [], []
+        for _ in range(8):
+            tokens.append(logits.argmax(-1).tolist())
+            logits = fast.decode(cache, tokens[-1], ["qa"])
+            out.append(logits)
+        runs.append((tokens, out))
+    (exact_tokens, exact), (int8_tokens, approx) = runs
+    assert int8_tokens == exact_tokens          # the same answer on this prompt
+    # Approximate, not the exact path (Q4_1's offset term cancels much of d * sum(x * q), so the rounding
+    # of x shows more than its 1/254), but the next-token distributions stay close.
+    assert any(not torch.equal(a, b) for a, b in zip(exact, approx, strict=True))
+    gap = max((a.softmax(-1) - b.softmax(-1)).abs().max().item() for a, b in zip(exact, approx, strict=True))
+    assert gap < 0.05

@@ -30,12 +30,15 @@ class FastBackend(Backend):
 
     @classmethod
     def from_weights(cls, config: Any, weights: dict[str, torch.Tensor], *, max_context: int,
-                     cpu_kernel: bool) -> FastBackend:
-        return cls(FastLlama(config, weights, max_context=max_context, cpu_kernel=cpu_kernel))
+                     cpu_kernel: bool, int8_activations: bool = False) -> FastBackend:
+        return cls(FastLlama(config, weights, max_context=max_context, cpu_kernel=cpu_kernel,
+                             int8_activations=int8_activations))
 
     @classmethod
-    def from_model(cls, model: Any, *, max_context: int, cpu_kernel: bool) -> FastBackend:
-        return cls(FastLlama.from_model(model, max_context=max_context, cpu_kernel=cpu_kernel))
+    def from_model(cls, model: Any, *, max_context: int, cpu_kernel: bool,
+                   int8_activations: bool = False) -> FastBackend:
+        return cls(FastLlama.from_model(model, max_context=max_context, cpu_kernel=cpu_kernel,
+                                        int8_activations=int8_activations))
 
     def attach(self, info: AdapterInfo) -> None:
         self.fast.add_adapter(info.name, info.path)

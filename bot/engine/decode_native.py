@@ -55,8 +55,8 @@ def _mat(w: Any, rows: int, cols: int) -> Mat | str:
 class NativeDecode:
     """The C description of one ``FastLlama`` (keeps what it points at alive through ``fast``)."""
 
-    def __init__(self, fast: Any, lib: Any):
-        self.fast, self.lib = fast, lib
+    def __init__(self, fast: Any, lib: Any, *, int8: bool = False):
+        self.fast, self.lib, self.int8 = fast, lib, int8
         self.why_not = self._describe()
 
     def _describe(self) -> str:
@@ -113,4 +113,4 @@ class NativeDecode:
         assert x.is_contiguous() and x.dtype == torch.float32 and kv.is_contiguous() and len(lens) == n
         lora = self._lora(sel)
         self.lib.lb_decode_step(ctypes.byref(self.model), lora, n, x.data_ptr(), (c_long * n)(*lens),
-                                kv.data_ptr(), kv.shape[1], kv.shape[4], threads)
+                                kv.data_ptr(), kv.shape[1], kv.shape[4], threads, int(self.int8))

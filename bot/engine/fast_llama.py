@@ -252,11 +252,13 @@ class FastLlama:
 
     def __init__(self, cfg: Any, weights: dict[str, torch.Tensor], *, max_context: int = 2048,
                  cpu_kernel: bool = True, inv_freq: torch.Tensor | None = None, attention_scaling: float = 1.0,
-                 native_step: bool = True):
+                 native_step: bool = True, int8_activations: bool = False):
         """``cfg``: a Llama config; ``weights``: its tensors by transformers' names ("model.layers.0.
         self_attn.q_proj.weight", ...; ``lm_head.weight`` may be absent when tied to the embeddings).
         ``inv_freq``: RoPE frequencies (default: computed from ``cfg``). ``native_step``: decode with
-        ``bot.engine.decode_native`` where the kernel is built (False: the Python layers, for comparison)."""
+        ``bot.engine.decode_native`` where the kernel is built (False: the Python layers, for comparison).
+        ``int8_activations``: the native step multiplies the quantised base weights with int8-rounded
+        activations (approximate, opt-in; ``engine.int8_activations``)."""
         reason = unsupported_config(cfg)
         if reason:
             raise ValueError(reason)
@@ -299,18 +301,20 @@ class FastLlama:
         self.kernel = kernels.load() if use_kernel else None
         self.native: NativeDecode | None = None
         if self.kernel is not None and native_step and not os.environ.get("LORABOT_PYTHON_STEP"):
-            native = NativeDecode(self, self.kernel)
+            native = NativeDecode(self, self.kernel, int8=int8_activations)
             self.native = None if native.why_not else native
 
     @classmethod
-    def from_model(cls, model: Any, *, max_context: int = 2048, cpu_kernel: bool = True) -> FastLlama:
+    def from_model(cls, model: Any, *, max_context: int = 2048, cpu_kernel: bool = True,
+                   int8_activations: bool = False) -> FastLlama:
         """From a loaded transformers LlamaForCausalLM, using its tensors where they are."""
         reason = unsupported(model)
         if reason:
             raise ValueError(reason)
         rotary = model.model.rotary_emb
         return cls(model.config, model.state_dict(), max_context=max_context, cpu_kernel=cpu_kernel,
-                   inv_freq=rotary.inv_freq, attention_scaling=getattr(rotary, "attention_scaling", 1.0))
+                   int8_activations=int8_activations, inv_freq=rotary.inv_freq,
+                   attention_scaling=getattr(rotary, "attention_scaling", 1.0))
 
     # ------------------------------------------------------------------ weights
     @staticmethod
@@ -536,9 +540,11 @@ class FastLlama:
             x = x + self._proj(act, lw.wdown, i, "down", sel)
         return x
 
-    def _logits(self, h: torch.Tensor, columns: Columns | None) -> torch.Tensor:
+    def _logits(self, h: torch.Tensor, columns: Columns | None, int8: bool = False) -> torch.Tensor:
         h = F.rms_norm(h, (self.hidden,), self.norm, self.eps)
         if columns is None:
+            if int8 and isinstance(self.head, kernels.QuantWeight):
+                return kernels.linear_quant_int8(h, self.head, torch.get_num_threads())
             return self._mm(h, self.head)
         return self._mm(h, self._rows(self.head, torch.tensor(columns.ids, device=self.device)))
 
@@ -627,12 +633,14 @@ class FastLlama:
         if self.native is not None and kv.is_contiguous():
             h = x.contiguous()
             self.native.step(h, cache.lens, kv, self._selection(adapters), torch.get_num_threads())
+            int8 = self.native.int8 and n <= 2   # as the step decides (decode_step.c)
         else:
+            int8 = False
             h = self._run_layers(x, lens, self._selection(adapters), attend)
         for i in range(n):
             cache.lens[i] += 1
             cache.written[i] = max(cache.written[i], cache.lens[i])
-        return self._logits(h, None)
+        return self._logits(h, None, int8)
 
     def new_cache(self, max_rows: int, max_tokens: int = 0) -> SlotCache:
         return SlotCache(self, max_rows, self.max_context, max_tokens)

@@ -99,6 +99,14 @@ static void q41_rows(const unsigned char *w, long ldw, int nr, long K, float *ou
     }
 }
 
+/* 8 int8 weights as exact floats: sign-extended into the mantissa of 1.5 * 2^23, which is then subtracted. */
+static inline __m256 int8s(const unsigned char *q) {
+    const __m256i magic = _mm256_set1_epi32(0x4B400000);
+    const __m256 fmagic = _mm256_set1_ps(12582912.0f);
+    __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    return _mm256_sub_ps(_mm256_castsi256_ps(_mm256_add_epi32(v, magic)), fmagic);
+}
+
 /* GGUF Q8_0 rows to fp32: 34-byte blocks of fp16 d and 32 int8 q; w = d*q, exact in fp32 (11 x 8 bits). */
 static void q80_rows(const unsigned char *w, long ldw, int nr, long K, float *out) {
     for (int r = 0; r < nr; r++) {
@@ -109,10 +117,7 @@ static void q80_rows(const unsigned char *w, long ldw, int nr, long K, float *ou
             unsigned short hd;
             memcpy(&hd, blk, 2);
             __m256 d = _mm256_set1_ps(_cvtsh_ss(hd));
-            for (int p = 0; p < 4; p++) {
-                __m128i q = _mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * p));
-                _mm256_storeu_ps(o + 8 * p, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
-            }
+            for (int p = 0; p < 4; p++) _mm256_storeu_ps(o + 8 * p, _mm256_mul_ps(d, int8s(blk + 2 + 8 * p)));
         }
     }
 }
@@ -157,16 +162,15 @@ static void q80_dot4(const float *x, const unsigned char *w, long ldw, int nr, l
     for (int r = 0; r < 4; r++) a[r] = b[r] = _mm256_setzero_ps();
     for (long blk = 0; blk < K / 32; blk++) {
         const float *xb = x + blk * 32;
+        #pragma GCC unroll 4
         for (int r = 0; r < 4; r++) {
             const unsigned char *bp = rows[r] + blk * 34;
             unsigned short hd;
             memcpy(&hd, bp, 2);
             __m256 d = _mm256_set1_ps(_cvtsh_ss(hd));
             for (int p = 0; p < 4; p += 2) {
-                __m128i q0 = _mm_loadl_epi64((const __m128i *)(bp + 2 + 8 * p));
-                __m128i q1 = _mm_loadl_epi64((const __m128i *)(bp + 10 + 8 * p));
-                __m256 w0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)));
-                __m256 w1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)));
+                __m256 w0 = _mm256_mul_ps(d, int8s(bp + 2 + 8 * p));
+                __m256 w1 = _mm256_mul_ps(d, int8s(bp + 10 + 8 * p));
                 a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * p), w0, a[r]);
                 b[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * p + 8), w1, b[r]);
             }

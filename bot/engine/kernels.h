@@ -19,4 +19,19 @@ typedef struct {
    thread's own (used only for block weights with M > 1). */
 void lb_mm_for(const lb_mat *w, const float *x, long ldx, float *y, long ldy, long M, int add, float *panel);
 
+/* Rows of x quantised to int8 in blocks of 32 (the opt-in approximate path, kernels_int8.c): q [M, k],
+   per block its scale d (x ~ d * q) and the exact float sum s of its 32 values. */
+typedef struct {
+    signed char *q;
+    float *d, *s;
+    long k;
+} lb_xq;
+
+/* This thread's share of quantising x [M, k] (k % 32 == 0) into xq; ends with a barrier. */
+void lb_quantize_for(const float *x, long ldx, long M, const lb_xq *xq);
+
+/* lb_mm_for for block weights (Q4_1, Q8_0) with int8 rows of x: integer dot products per block, as
+   llama.cpp does; no barrier at its end. */
+void lb_mm_i8_for(const lb_mat *w, const lb_xq *x, float *y, long ldy, long M, int add);
+
 #endif

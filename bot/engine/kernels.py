@@ -31,8 +31,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SOURCE_PATH = Path(__file__).with_name("kernels.c")
-# Built into the same library: the header both include, and a whole decode step (bot.engine.decode_native).
-SOURCES = (SOURCE_PATH, SOURCE_PATH.with_name("decode_step.c"))
+# Built into one library: the matmuls, a whole decode step (bot.engine.decode_native), the opt-in int8 matmul.
+SOURCES = (SOURCE_PATH, SOURCE_PATH.with_name("decode_step.c"), SOURCE_PATH.with_name("kernels_int8.c"))
 HEADER = SOURCE_PATH.with_name("kernels.h")
 
 _lib: Any = None
@@ -100,8 +100,12 @@ def _build() -> tuple[Any, KernelStatus]:
     lib.lb_dequant_q80.argtypes = lib.lb_dequant_q41.argtypes
     lib.lb_dequant_q80.restype = None
     lib.lb_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                   ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+                                   ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int]
     lib.lb_decode_step.restype = None
+    lib.lb_linear_i8.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
+                                 ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                                 ctypes.c_int]
+    lib.lb_linear_i8.restype = None
     return lib, KernelStatus(True, "", path=str(target), compiler=version)
 
 
@@ -204,4 +208,17 @@ def linear_quant(x: Any, w: QuantWeight, threads: int, out: Any = None) -> Any:
     assert y.shape == (m, n) and y.stride(1) == 1
     getattr(_lib, w._linear)(x.data_ptr(), x.stride(0), w.blocks.data_ptr(), w.blocks.stride(0), y.data_ptr(),
                              y.stride(0), m, n, k, int(add), threads)
+    return y
+
+
+def linear_quant_int8(x: Any, w: QuantWeight, threads: int) -> Any:
+    """``x @ w.T`` with ``x`` rounded to int8 per block of 32 (approximate: ``engine.int8_activations``)."""
+    import torch
+
+    m, k = x.shape
+    assert k == w.shape[1] and x.dtype == torch.float32 and x.stride(1) == 1
+    y = torch.empty((m, w.shape[0]), dtype=torch.float32)
+    kind = 1 if isinstance(w, Q41Weight) else 2
+    _lib.lb_linear_i8(x.data_ptr(), x.stride(0), kind, w.blocks.data_ptr(), w.blocks.stride(0), y.data_ptr(),
+                      y.stride(0), m, w.shape[0], k, threads)
     return y

@@ -122,7 +122,7 @@ def _resolve(job: _Job | _ControlJob, value: Any = None, error: BaseException | 
 
 
 def choose_backend(model: Any, backend: str, *, max_context: int, cpu_kernel: bool,
-                   pad_token_id: int | None = None) -> Backend:
+                   pad_token_id: int | None = None, int8_activations: bool = False) -> Backend:
     """The backend for ``model``: "auto" (fast when the model supports it, else peft), "fast" or "peft"."""
     from bot.engine.backend_fast import FastBackend
     from bot.engine.fast_llama import unsupported
@@ -132,11 +132,13 @@ def choose_backend(model: Any, backend: str, *, max_context: int, cpu_kernel: bo
     if isinstance(model, LightModel):  # loaded without transformers (light_model): only the fast backend runs it
         if backend == "peft":
             raise EngineError("the PEFT backend needs the model loaded by transformers (bot.engine.loading.load_model)")
-        return FastBackend.from_weights(model.config, model.weights, max_context=max_context, cpu_kernel=cpu_kernel)
+        return FastBackend.from_weights(model.config, model.weights, max_context=max_context, cpu_kernel=cpu_kernel,
+                                        int8_activations=int8_activations)
     if backend != "peft":
         reason = unsupported(model)
         if reason is None:
-            return FastBackend.from_model(model, max_context=max_context, cpu_kernel=cpu_kernel)
+            return FastBackend.from_model(model, max_context=max_context, cpu_kernel=cpu_kernel,
+                                          int8_activations=int8_activations)
         if backend == "fast":
             raise EngineError(f"the fast backend cannot run this model: {reason}")
         log.info("engine: PEFT backend (%s)", reason)
@@ -151,7 +153,7 @@ class LocalEngine:
     def __init__(
         self, model: Any, tokenizer: Any, base: BaseModelRef, adapters_dir: Path | None, *,
         max_batch: int = 16, batch_wait_ms: int = 5, max_context: int = 2048, backend: str | Backend = "auto",
-        cpu_kernel: bool = True, max_row_tokens: int = 0, kv_token_budget: int = 0,
+        cpu_kernel: bool = True, max_row_tokens: int = 0, kv_token_budget: int = 0, int8_activations: bool = False,
     ):
         """``model``: a transformers or light model (ignored when ``backend`` is a ``Backend`` already);
         ``backend``: "auto", "fast", "peft" or a ready ``Backend``; ``cpu_kernel``: let the fast backend
@@ -183,7 +185,7 @@ class LocalEngine:
             self._backend = backend
         else:
             self._backend = choose_backend(model, backend, max_context=self.max_context, cpu_kernel=cpu_kernel,
-                                           pad_token_id=tokenizer.pad_token_id)
+                                           pad_token_id=tokenizer.pad_token_id, int8_activations=int8_activations)
         self.backend = self._backend.name
         self._queue: queue.Queue[_Job | _ControlJob] = queue.Queue()
         self._closed = False
@@ -222,6 +224,7 @@ class LocalEngine:
             max_batch=config.engine.max_batch, batch_wait_ms=config.engine.batch_wait_ms,
             backend=config.engine.backend, cpu_kernel=config.engine.cpu_kernel,
             max_row_tokens=config.engine.max_row_tokens, kv_token_budget=config.engine.kv_token_budget,
+            int8_activations=config.engine.int8_activations,
         )
 
     def _stop_token_ids(self, config: Any) -> set[int]:
