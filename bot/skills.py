@@ -141,6 +141,11 @@ class QAFormat:
         return " " + one_line(answer)
 
     @staticmethod
+    def span_source(context: str) -> str:
+        """The text an answer is copied from, as the prompt holds it (decoding is constrained to its spans)."""
+        return " " + one_line(context)
+
+    @staticmethod
     def result(output: str, context: str = "") -> Answer:
         """The first line of the output, located in the context (quoted as the context writes it)."""
         answer = output.strip().split("\n", 1)[0].strip()

@@ -49,6 +49,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=0, help="ner/qa generation limit (0 = task default)")
     p.add_argument("--themes", action="store_true",
                    help="story: also theme adherence on the 50 evaluation themes (writes 50 stories)")
+    p.add_argument("--unconstrained", action="store_true",
+                   help="qa: decode answers as free text instead of spans of the context (for comparison)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.add_argument("--predictions", type=Path, metavar="FILE.jsonl",
                    help="also write one JSON line per example (input, gold, output, score) for error analysis")
@@ -112,7 +114,8 @@ def eval_command(args: argparse.Namespace) -> int:
         result = evaluate_adapter(args.task, args.data, adapter=None if args.base_only else args.adapter,
                                   base=args.base, limit=args.limit, holdout=args.holdout,
                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  predictions=records, themes=args.themes)
+                                  predictions=records, themes=args.themes,
+                                  span_constrained=not args.unconstrained)
         if records is not None:
             from training.export import write_jsonl
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from bot.skills import NERFormat, QAFormat, SentimentFormat, StoryFormat
+from bot.span_constraint import SpanConstraint
 from training.batching import Encoded, chunks, collate, encode, label_token_ids, prompt_ids
 from training.data import Example, NERExample, QAExample, SentimentExample
 from training.model import LossModel
@@ -127,21 +128,31 @@ def _by_length(items: Sequence[list[int]], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def generate(model: Any, tok: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
-             stop: Sequence[str] = ("\n",), progress: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batches, stopping at EOS or a stop string)."""
+             stop: Sequence[str] = ("\n",), progress: Callable[[int], None] | None = None,
+             spans: Sequence[str] | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches, stopping at EOS or a stop string);
+    with ``spans``, each continuation is constrained to spans of its text, as the bot constrains it."""
     device = next(model.parameters()).device
     encoded = [prompt_ids(tok, p) for p in prompts]
     outputs = [""] * len(prompts)
     for idx in _by_length(encoded, batch_size):
         batch = collate([Encoded(ids=encoded[i]) for i in idx], tok.pad_token_id, left=True)
         batch.pop("labels", None)
+        width = batch["input_ids"].shape[1]
+        allowed = None
+        if spans is not None:
+            rules = [SpanConstraint.for_text(tok, spans[i], stop) for i in idx]
+
+            def allowed(row: int, ids: torch.Tensor, rules: list[SpanConstraint] = rules,
+                        width: int = width) -> list[int]:
+                return rules[row].allowed(ids[width:].tolist())
         out = model.generate(
+            prefix_allowed_tokens_fn=allowed,
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
             stop_strings=list(stop) or None, tokenizer=tok if stop else None,
         )
-        width = batch["input_ids"].shape[1]
         for row, i in enumerate(idx):
             outputs[i] = tok.decode(out[row, width:], skip_special_tokens=True)
         if progress:
@@ -185,8 +196,12 @@ def perplexity(model: Any, encoded: Sequence[Encoded], pad_id: int, *, batch_siz
 
 def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, labels: Sequence[str] = (),
              batch_size: int = 16, max_new_tokens: int = 0, max_length: int = 1024,
-             predictions: list[dict[str, Any]] | None = None, themes: bool = False) -> dict[str, Any]:
+             predictions: list[dict[str, Any]] | None = None, themes: bool = False,
+             span_constrained: bool = True) -> dict[str, Any]:
     """Score ``model`` on ``examples`` (all of them; evaluation never drops long examples).
+
+    QA answers are decoded as spans of the context, as the bot decodes them (``span_constrained=False``:
+    free text, for comparison).
 
     ``predictions``, when given, receives one record per example (input, gold, the model's raw output,
     what the bot would make of it and its score) for error analysis; perplexity tasks add none.
@@ -202,7 +217,8 @@ def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, la
                             max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["ner"], predictions=predictions)
         if task == "qa":
             return eval_qa(model, tok, examples, batch_size=batch_size,  # type: ignore[arg-type]
-                           max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["qa"], predictions=predictions)
+                           max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["qa"], predictions=predictions,
+                           span_constrained=span_constrained)
         # Perplexity of the text itself: without the EOS that training appends (the bare base model
         # has no reason to end a story there), stories cut at max_length rather than dropped.
         encoded, _ = encode(task, examples, tok, max_length=max_length, eos=False)
@@ -286,9 +302,11 @@ def eval_ner(model: Any, tok: Any, examples: Sequence[NERExample], labels: Seque
 
 
 def eval_qa(model: Any, tok: Any, examples: Sequence[QAExample], *, batch_size: int = 16,
-            max_new_tokens: int = 24, predictions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            max_new_tokens: int = 24, predictions: list[dict[str, Any]] | None = None,
+            span_constrained: bool = True) -> dict[str, Any]:
+    spans = [QAFormat.span_source(ex.context) for ex in examples] if span_constrained else None
     outputs = generate(model, tok, [QAFormat.prompt(ex.context, ex.question) for ex in examples],
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, stop=QAFormat.stop)
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, stop=QAFormat.stop, spans=spans)
     answers = [QAFormat.result(out, ex.context).answer for ex, out in zip(examples, outputs, strict=True)]
     metrics = qa_metrics(answers, [ex.answers for ex in examples])
     if predictions is not None:

@@ -55,6 +55,8 @@ class SamplingParams:
     # None: no log-probabilities; k >= 0: each generated token's log-probability and its k likeliest
     # alternatives, computed after logit_bias and before temperature, top-p and repetition penalty.
     logprobs: int | None = None
+    # Non-empty: the reply must be a span of this text, token for token (extractive QA; bot.span_constraint).
+    span_of: str = ""
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from bot.engine.loading import BaseModelRef, load_model, resolve_base
 from bot.engine.sampling import choose_next_tokens
 from bot.engine.token_scores import biased, check_sampling, token_scores
 from bot.errors import AdapterError, EngineError
+from bot.span_constraint import SpanConstraint
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class _ClassifyJob(_Job):
 class _GenerateJob(_Job):
     params: SamplingParams = field(default_factory=SamplingParams)
     deltas: asyncio.Queue[str | None] | None = None
+    span: SpanConstraint | None = None
 
 
 JobT = TypeVar("JobT", bound=_Job)
@@ -355,6 +357,7 @@ class LocalEngine:
         job = _GenerateJob(
             prompt_ids=self._encode(prompt, params.max_new_tokens), adapter=adapter, loop=loop,
             future=loop.create_future(), params=params, deltas=asyncio.Queue() if on_text else None,
+            span=SpanConstraint.for_text(self._tok, params.span_of, params.stop) if params.span_of else None,
         )
         if on_text is None:
             return await self._submit(job)
@@ -620,12 +623,26 @@ class LocalEngine:
         gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
         return gen
 
+    @staticmethod
+    def _within_spans(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """Rows with a span constraint: every token it does not allow next is masked out."""
+        out = logits.float().clone()
+        for i, row in enumerate(rows):
+            if row.job.span is not None:
+                keep = torch.tensor(row.job.span.allowed(row.generated), dtype=torch.long, device=out.device)
+                masked = torch.full_like(out[i], float("-inf"))
+                masked[keep] = out[i, keep]
+                out[i] = masked
+        return out
+
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token from ``logits`` and stream the text it adds."""
         params = [r.job.params for r in rows]
         seen = [r.job.prompt_ids + r.generated for r in rows] if any(
             p.repetition_penalty != 1.0 for p in params) else [[] for _ in rows]
         logits = biased(logits, params)
+        if any(r.job.span is not None for r in rows):
+            logits = self._within_spans(logits, rows)
         try:
             chosen = choose_next_tokens(logits, params, seen, [r.generator for r in rows])
         except Exception:  # one row's settings (e.g. a NaN temperature) must not fail the others
