@@ -29,7 +29,8 @@ Each engine runs in its own child process (clean memory and threads), the childr
 loads it (``LocalEngine.from_config``); the JSON says which dtype, backend and kernel it ran with. When
 the configured dtype is not float32 (``auto`` picks bfloat16 on CPUs with native bf16) lorabot is also
 measured at float32 (the CPU kernel over the GGUF's Q4_1 weights, the same numbers llama.cpp reads),
-under ``float32``. A third child measures the machine's limits (memory bandwidth, float32 matmul peak).
+under ``float32``; with ``--int8 yes`` (the default) once more with ``engine.int8_activations`` (opt-in, approximate),
+under ``int8``. A third child measures the machine's limits (memory bandwidth, float32 matmul peak).
 When llama-cpp-python cannot be imported (the optional ``bench`` extra: ``pip install -e '.[bench]'``)
 its rows are None and ``llamacpp_skipped`` says why. Ratios are lorabot / llama.cpp for every row.
 Results: bench/results/llamacpp.json.
@@ -135,14 +136,14 @@ def _median(values: list[float], digits: int = 1) -> float | None:
 
 # ---------------------------------------------------------------- lorabot's child
 
-async def lorabot_child(work: dict[str, Any], dtype: str, spawned_at: float) -> dict[str, Any]:
+async def lorabot_child(work: dict[str, Any], dtype: str, spawned_at: float, int8: bool = False) -> dict[str, Any]:
     from bot.config import load_config, replace
     from bot.engine import SamplingParams
     from bot.engine.scheduler import LocalEngine
 
     config = load_config(work["config"])
     model = {"threads": work["threads"]} | ({} if dtype == "config" else {"dtype": dtype})
-    config = replace(config, model=model)
+    config = replace(config, model=model, engine={"int8_activations": True} if int8 else {})
     engine = await asyncio.to_thread(LocalEngine.from_config, config, progress=False)
     try:
         out: dict[str, Any] = {"engine": _engine_facts(engine), "adapters": sorted(engine.adapters)}
@@ -433,11 +434,11 @@ def limits_child(work: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the parent
 
-def spawn(side: str, work_path: Path, dtype: str = "config") -> dict[str, Any]:
+def spawn(side: str, work_path: Path, dtype: str = "config", int8: bool = False) -> dict[str, Any]:
     """One child process; its last stdout line is its JSON. A failing child is reported, never raised."""
     started = time.time()
     cmd = [sys.executable, "-m", "bench.llamacpp", "--child", side, "--work", str(work_path), "--dtype", dtype,
-           "--spawned-at", repr(started)]
+           "--spawned-at", repr(started), *(["--int8-child"] if int8 else [])]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     try:
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -503,12 +504,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="config", help=argparse.SUPPRESS)
     parser.add_argument("--spawned-at", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--int8-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--int8", choices=("yes", "no"), default="yes",
+                        help="also measure lorabot with engine.int8_activations (opt-in, approximate)")
     args = parser.parse_args(argv)
 
     if args.child:
         work = json.loads(Path(args.work).read_text(encoding="utf-8"))
         if args.child == "lorabot":
-            result = asyncio.run(lorabot_child(work, args.dtype, args.spawned_at))
+            result = asyncio.run(lorabot_child(work, args.dtype, args.spawned_at, args.int8_child))
         elif args.child == "llamacpp":
             result = llamacpp_child(work, args.spawned_at)
         else:
@@ -518,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threads, why = choose_threads(args.threads)
     print(f"threads: {threads} ({why})", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {"lorabot": [], "lorabot_float32": [], "llamacpp": []}
+    runs: dict[str, list[dict[str, Any]]] = {"lorabot": [], "lorabot_float32": [], "lorabot_int8": [], "llamacpp": []}
     limits: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="lorabot-bench-") as tmp:
         work_path = prepare(Path(args.config), Path(tmp), args, threads)
@@ -531,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                     want_f32 = runs["lorabot"][0].get("engine", {}).get("dtype") not in (None, "float32")
                 if want_f32:
                     runs["lorabot_float32"].append(spawn("lorabot", work_path, "float32"))
+                if args.int8 == "yes":
+                    runs["lorabot_int8"].append(spawn("lorabot", work_path, int8=True))
             missing = any("skipped" in c for c in runs["llamacpp"])   # known after one try
             if "llamacpp" in args.sides and not missing:
                 runs["llamacpp"].append(spawn("llamacpp", work_path))
@@ -538,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         if "limits" in args.sides:
             limits = spawn("limits", work_path)
     ours, ours32, theirs = combine(runs["lorabot"]), combine(runs["lorabot_float32"]), combine(runs["llamacpp"])
+    ours8 = combine(runs["lorabot_int8"])
     result: dict[str, Any] = {
         "threads": threads, "threads_choice": why, "rounds": args.rounds, "prompt": PROMPT,
         "settings": {k: work[k] for k in ("new_tokens", "b16_new_tokens", "runs", "classify_runs", "model")}
@@ -560,10 +567,14 @@ def main(argv: list[str] | None = None) -> int:
     if runs["lorabot_float32"]:
         result["float32"] = {"lorabot": ours32.get("engine", {}) | {"error": ours32.get("error")}}
         result["float32"] |= figures(ours32, theirs)
+    if runs["lorabot_int8"]:
+        result["int8"] = {"lorabot": ours8.get("engine", {}) | {"error": ours8.get("error")}}
+        result["int8"] |= figures(ours8, theirs)
     # What each engine answered, so that a reader can see both did the same work.
     shown = ("single_text", "single_adapter_text", "sentiment_scores")
     result["outputs"] = {side: {k: found.get(k) for k in shown} for side, found in
-                         (("lorabot", ours), ("lorabot_float32", ours32), ("llamacpp", theirs)) if found}
+                         (("lorabot", ours), ("lorabot_float32", ours32), ("lorabot_int8", ours8),
+                          ("llamacpp", theirs)) if found}
     result["limits"] = limits
     if limits and "error" not in limits:
         # One row can go no faster than the weights stream from memory or the matmuls run at peak.
@@ -579,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = table(f"lorabot ({result['note']})", result)
     if "float32" in result:
         lines += table("lorabot at float32 (CPU kernel, GGUF Q4_1 weights)", result["float32"])
+    if "int8" in result:
+        lines += table("lorabot with engine.int8_activations (opt-in, approximate)", result["int8"])
     if limits and "error" not in limits:
         lines.append(f"machine: {limits['bandwidth_gb_s']} GB/s copy bandwidth -> at most "
                      f"{limits['single_ceiling_tok_s_bandwidth']} tok/s for one row over the {limits['gguf_mb']} MB "

@@ -16,7 +16,9 @@ adapters) it measures:
   lorabot's compiled kernels (``bot.engine.kernels``), each filed under the line of
   ``bot/engine/fast_llama.py`` that made it: base-weight matmuls, LoRA, attention, norms, RoPE and the
   q/k/v split, SiLU, residual adds, embedding, output layer, step set-up. What the step's wall time has
-  beyond the operations' compute is Python and dispatch overhead.
+  beyond the operations' compute is Python and dispatch overhead. These are the Python layers' steps; the
+  engine decodes in one native call where the CPU kernel is built (``bot.engine.decode_native``), whose
+  step time stands beside them as ``native_step_ms``.
 
 An op's compute is its timed call less the timer's floor (what the same call records for a view of a
 small tensor, which does no arithmetic), so the floor and Python's own work both count as overhead; as a
@@ -235,7 +237,29 @@ def prefilled(fast: Any, prompts: list[list[int]], adapters: list[str | None]) -
 
 
 def backend_profile(fast: Any, prompts: list[list[int]], adapters: list[str | None], steps: int) -> dict[str, Any]:
-    """``steps`` uninstrumented decode steps (wall time), alternating with ``steps`` under the op timer."""
+    """``steps`` uninstrumented decode steps (wall time), alternating with ``steps`` under the op timer, of
+    the Python layers; and, where the engine decodes in one native call (bot.engine.decode_native), that
+    step's wall time beside them (the op timer cannot see inside it)."""
+    native = fast.native
+    fast.native = None
+    try:
+        out = _python_layers_profile(fast, prompts, adapters, steps)
+    finally:
+        fast.native = native
+    if native is not None:
+        cache, tokens = prefilled(fast, prompts, adapters)
+        walls = []
+        for i in range(steps + 3):
+            t = time.perf_counter()
+            tokens = fast.decode(cache, tokens, adapters).argmax(-1).tolist()
+            if i >= 3:   # after the warm-up steps
+                walls.append(time.perf_counter() - t)
+        out["native_step_ms"] = round(statistics.median(walls) * 1000, 2)
+    return out
+
+
+def _python_layers_profile(fast: Any, prompts: list[list[int]], adapters: list[str | None],
+                           steps: int) -> dict[str, Any]:
     cache, tokens = prefilled(fast, prompts, adapters)
     for _ in range(3):  # warm-up: the cache's first growth, first-call allocations
         tokens = fast.decode(cache, tokens, adapters).argmax(-1).tolist()
@@ -397,6 +421,9 @@ def render(dtype: str, result: dict[str, Any]) -> list[str]:
                          f"{e['scheduler_ms']} ms (sampling, detokenising, streaming); {e['tok_s_incl_prefill']} "
                          "tok/s incl. prefill")
         lines.append(f"  plain step by torch threads: {c['step_ms_by_threads']} ms")
+        if "native_step_ms" in c:
+            lines.append(f"  the same step in one native call (the engine's default): {c['native_step_ms']} ms; "
+                         "the parts below are the Python layers'")
         lines.append(f"  {'part':42} {'ops/step':>9} {'compute':>9} {'of step':>8}  (ms per step)")
         for cat, v in c["categories"].items():
             lines.append(f"  {cat:42} {v['ops']:9.0f} {v['ms']:9.2f} {v['share_of_step']:8.1%}")

@@ -24,6 +24,7 @@ def test_the_op_timer_counts_a_decode_steps_matmuls_and_files_every_op(tiny_base
     plain = backend_profile(fast, prompts, [None, None, None], steps=2)
     assert plain["rows"] == 3 and plain["step_ms"] > 0 and plain["ops_per_step"] > 0
     assert plain["matmuls_per_step"] == 7 * layers + 1 and plain["lora_matmuls_per_step"] == 0
+    assert fast.native is None or plain["native_step_ms"] > 0   # the engine's one-call step, timed beside
     assert not [c for c in plain["categories"] if c.startswith("other") or c.startswith("LoRA")], plain["categories"]
 
     mixed = backend_profile(fast, prompts, [None, "story", "ner"], steps=2)
