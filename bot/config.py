@@ -85,6 +85,8 @@ class StoryConfig:
 @dataclass(frozen=True)
 class QAConfig:
     max_new_tokens: int = 24
+    # Answers decoded as spans of the given text (bot/span_constraint.py): quoted, never paraphrased.
+    span_constrained: bool = True
 
 
 @dataclass(frozen=True)

@@ -298,7 +298,10 @@ class Core:
             result = NERFormat.result(g.text, text, labels)
         elif task == "qa":
             question, context = self._qa_parts(text, msg)
-            g = await self.engine.generate(QAFormat.prompt(context, question), self._params("qa", QAFormat.stop), name)
+            params = self._params("qa", QAFormat.stop)
+            if self.config.qa.span_constrained:
+                params = replace(params, span_of=QAFormat.span_source(context))
+            g = await self.engine.generate(QAFormat.prompt(context, question), params, name)
             result = QAFormat.result(g.text, context)
         elif task == "story":
             sink = _accumulate(stream, lambda so_far: StoryFormat.result(text, so_far).text)

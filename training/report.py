@@ -16,8 +16,10 @@ from typing import Any
 from training.evaluate import PRIMARY
 
 START, END = "<!-- scores:start -->", "<!-- scores:end -->"
-SHOWN = {"sentiment": ("accuracy", "macro_recall"), "ner": ("f1", "precision", "recall"), "qa": ("f1", "exact_match")}
-NAMES = {"macro_recall": "macro-recall", "exact_match": "exact match", "f1": "F1"}
+SHOWN = {"sentiment": ("accuracy", "macro_recall"), "ner": ("f1", "precision", "recall"), "qa": ("f1", "exact_match"),
+         "story": ("perplexity", "theme_adherence")}
+NAMES = {"macro_recall": "macro-recall", "exact_match": "exact match", "f1": "F1",
+         "theme_adherence": "theme adherence %"}
 
 
 def _num(value: Any) -> str:
@@ -45,6 +47,8 @@ def table(adapters_dir: Path) -> str:
                 + _continued(train.get("init_adapter")))
         for data, scores in m["dev"].items():
             for key in SHOWN.get(task, (PRIMARY[task],)):
+                if key not in scores:   # e.g. theme adherence: scored on the first dev file only
+                    continue
                 base = m.get("base", {}).get(data, {}).get(key)
                 lines.append(f"| {metrics_file.parent.name} | {data} ({scores.get('n', '?')}) | {NAMES.get(key, key)} "
                              f"| {_num(scores.get(key))} | {_num(base)} | {cost} |")
