@@ -232,6 +232,8 @@ class RemoteEngine:
             payload["repetition_penalty"] = params.repetition_penalty
         if params.logit_bias:
             payload["logit_bias"] = {str(t): b for t, b in params.logit_bias}
+        if params.span_of:   # lorabot serve decodes within it; other servers ignore the field (the answer is
+            payload["span_of"] = params.span_of   # then located in the text afterwards)
         if params.logprobs is not None:
             raise EngineError("the remote engine does not return generated tokens' logprobs")
         parts: list[str] = []

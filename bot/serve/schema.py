@@ -23,7 +23,7 @@ MAX_STOP = 4
 MAX_LOGIT_BIAS = 300
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options",
-           "logit_bias", "user", "presence_penalty", "frequency_penalty", "repetition_penalty"}
+           "logit_bias", "user", "presence_penalty", "frequency_penalty", "repetition_penalty", "span_of"}
 COMPLETION_KEYS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_KEYS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 # Known OpenAI parameters the engine does not implement: refused with this reason.
@@ -103,13 +103,21 @@ def parse(body: Any, engine: Engine, settings: ServeSettings, *, chat: bool) -> 
         top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0, open_low=True),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, high=10.0, open_low=True),
         stop=_stop(body), seed=_int(body, "seed", None, low=-(2**63), high=2**63 - 1),
-        logit_bias=_logit_bias(body), logprobs=logprobs,
+        logit_bias=_logit_bias(body), logprobs=logprobs, span_of=_span_of(body),
     )
     return EngineRequest(chat=chat, model=model, adapter=adapter, prompt=prompt, prompt_tokens=prompt_tokens,
                          params=params, stream=stream, include_usage=include_usage)
 
 
 # ---------------------------------------------------------------- fields
+def _span_of(body: dict[str, Any]) -> str:
+    """lorabot's extension: the completion must be a span of this text (extractive QA)."""
+    value = body.get("span_of", "")
+    if not isinstance(value, str):
+        raise invalid("span_of must be a string: the text whose spans the completion may copy.", "span_of")
+    return value
+
+
 def _model(body: dict[str, Any], engine: Engine) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:

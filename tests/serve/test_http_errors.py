@@ -18,6 +18,7 @@ BAD_COMPLETIONS = [
     ({"model": "story", "prompt": [1, 2, 3]}, 400, "prompt", "unsupported_parameter"),
     ({"model": "story", "prompt": ["a", "b"]}, 400, "prompt", "unsupported_parameter"),
     ({"model": "story", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
+    ({"model": "story", "prompt": "hi", "span_of": 3}, 400, "span_of", None),
     ({"model": "story", "prompt": "hi", "max_tokens": "5"}, 400, "max_tokens", None),
     ({"model": "story", "prompt": "hi", "max_tokens": True}, 400, "max_tokens", None),
     ({"model": "story", "prompt": "hi", "temperature": 3}, 400, "temperature", None),

@@ -32,7 +32,7 @@ FINGERPRINTS = {
     "qa_first": "df7901d63e48175d41adc6a9ceb28535c5e2eaabf12d069c27af14ac53e80f10",
     "qa_second": "207dc221ec13858b42105d5986988306e2ef13cb4221a120ba4f146a10f9224d",
     "sentiment": "c54a3b9bf3a4fbcb7cd47e4ed74d26651b12d0f2b1a9478546ca64bbf7db1624",
-    "story": "7946b296f52f5db2a8a24f46847160405eb2653a10491bbe868b39986d068fec",
+    "story": "dcd3b112cc59aaca2c47d8ca76dd233d548dde886531583b09af633dcac194c9",   # themes = true (2026-12-02)
 }
 DEFAULT_FINGERPRINT = (
     '{"base": "bundled", "data": {"dev": [], "train": []}, "labels": [], "lora": {"alpha": 32, "dropout": 0.0, '
