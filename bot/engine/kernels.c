@@ -124,6 +124,14 @@ static void q80_rows(const unsigned char *w, long ldw, int nr, long K, float *ou
 
 typedef void (*rows_fn)(const unsigned char *, long, int, long, float *);
 
+/* The four rows' sums of a one-row product (two accumulators each) into y. */
+static inline void store4(const __m256 *a, const __m256 *b, int nr, float *y, int add) {
+    for (int j = 0; j < nr; j++) {
+        float s = hsum(_mm256_add_ps(a[j], b[j]));
+        y[j] = add ? y[j] + s : s;
+    }
+}
+
 /* One row of x against four Q4_1 rows, expanded in registers (no panel): at one row the panel's store and
    reload cost more than the arithmetic. The weights are the reference dequantisation's exactly (d*q is
    exact, so one rounding either way); two accumulators per row hide the FMA latency. */
@@ -149,10 +157,7 @@ static void q41_dot4(const float *x, const unsigned char *w, long ldw, int nr, l
             b[r] = _mm256_fmadd_ps(x3, _mm256_fmadd_ps(d, q[3], m), b[r]);
         }
     }
-    for (int j = 0; j < nr; j++) {
-        float s = hsum(_mm256_add_ps(a[j], b[j]));
-        y[j] = add ? y[j] + s : s;
-    }
+    store4(a, b, nr, y, add);
 }
 
 /* The same for Q8_0 rows. */
@@ -176,10 +181,7 @@ static void q80_dot4(const float *x, const unsigned char *w, long ldw, int nr, l
             }
         }
     }
-    for (int j = 0; j < nr; j++) {
-        float s = hsum(_mm256_add_ps(a[j], b[j]));
-        y[j] = add ? y[j] + s : s;
-    }
+    store4(a, b, nr, y, add);
 }
 
 void lb_mm_for(const lb_mat *w, const float *x, long ldx, float *y, long ldy, long M, int add, float *panel) {
