@@ -46,6 +46,7 @@ class SentimentExample:
 class NERExample:
     tokens: tuple[str, ...]
     tags: tuple[str, ...]   # IOB2
+    doc: str = ""           # the document it came from (CoNLL -DOCSTART-), so a holdout split keeps documents whole
 
     @property
     def text(self) -> str:
@@ -55,6 +56,12 @@ class NERExample:
     @property
     def key(self) -> str:
         return self.text
+
+    @property
+    def group(self) -> str:
+        """What a holdout split keeps together: a news story repeats its names, so a sentence-level split
+        would score names the model trained on."""
+        return self.doc or self.text
 
     def entities(self) -> list[tuple[str, str]]:
         """``[(entity text, type), ...]`` in order of appearance."""
@@ -210,7 +217,7 @@ def read_ner(path: Path, labels: tuple[str, ...] = ()) -> list[NERExample]:
     kind = _suffix(path, {".jsonl": "jsonl", "*": "conll"}, "ner")
     sentences = _ner_jsonl(path) if kind == "jsonl" else _ner_conll(path)
     examples = []
-    for line, tokens, tags in sentences:
+    for line, doc, tokens, tags in sentences:
         if len(tokens) != len(tags):
             raise DataError(str(path), line, f"{len(tokens)} tokens but {len(tags)} tags")
         if not tokens:
@@ -221,30 +228,36 @@ def read_ner(path: Path, labels: tuple[str, ...] = ()) -> list[NERExample]:
             if unknown:
                 raise DataError(str(path), line, f"unknown entity type {unknown[0]!r} "
                                 f"(expected one of: {', '.join(labels)})")
-        examples.append(NERExample(tokens=tuple(tokens), tags=fixed))
+        examples.append(NERExample(tokens=tuple(tokens), tags=fixed, doc=doc))
     return _non_empty(examples, path)
 
 
-def _ner_jsonl(path: Path) -> Iterator[tuple[int, list[str], list[str]]]:
+def _ner_jsonl(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
     for line, obj in _jsonl(path):
-        tokens, tags = obj.get("tokens"), obj.get("tags")
+        tokens, tags, doc = obj.get("tokens"), obj.get("tags"), obj.get("doc", "")
         for key, value in (("tokens", tokens), ("tags", tags)):
             if not isinstance(value, list) or not all(isinstance(x, str) and x.strip() for x in value):
                 raise DataError(str(path), line, f"field {key!r} must be a list of non-empty strings")
-        yield line, tokens, tags  # type: ignore[misc]
+        if not isinstance(doc, (str, int)):
+            raise DataError(str(path), line, "field 'doc' must be a string or a number")
+        yield line, str(doc), tokens, tags  # type: ignore[misc]
 
 
-def _ner_conll(path: Path) -> Iterator[tuple[int, list[str], list[str]]]:
+def _ner_conll(path: Path) -> Iterator[tuple[int, str, list[str], list[str]]]:
     tokens: list[str] = []
     tags: list[str] = []
     start = 0
+    doc = ""   # sentences before any -DOCSTART- are each their own group
+    documents = 0
     for number, raw in enumerate([*_text_of(path).splitlines(), ""], start=1):
         cols = raw.split()
         if cols and cols[0] == "-DOCSTART-":
+            documents += 1
+            doc = f"document {documents}"
             continue
         if not cols:
             if tokens:
-                yield start, tokens, tags
+                yield start, doc, tokens, tags
             tokens, tags = [], []
             continue
         if len(cols) < 2:
@@ -405,7 +418,7 @@ def select(examples: list[Example], spec: DataSpec | Mapping[str, Any], seed: in
                     dataclasses.replace(ex, title=prompt_for(ex.text)) for ex in examples]
     if spec.holdout:
         want = spec.part == "holdout"
-        examples = [ex for ex in examples if in_holdout(ex.key, float(spec.holdout)) == want]
+        examples = [ex for ex in examples if in_holdout(getattr(ex, "group", ex.key), float(spec.holdout)) == want]
     if spec.min_words:
         examples = [ex for ex in examples if len(ex.key.split()) >= spec.min_words]
     rng = random.Random(f"{seed}:{spec.path}")

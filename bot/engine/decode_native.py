@@ -3,7 +3,8 @@
 Python describes the model once (pointers to the weights where they already are: float32 tensors or GGUF
 blocks, the norms, the RoPE tables) and, per step, which LoRA rows each row uses; the C code runs every
 layer with its threads forked once. ``why_not`` says when a model cannot take this path; the Python
-layers (``FastLlama._run_layers``) are then used, with the same results up to summation order.
+layers (``FastLlama._run_layers``) are then used, with the same results up to summation order. A short
+prefill is the same call with one row per prompt token (``FastLlama._native_prefill``).
 """
 
 from __future__ import annotations
@@ -105,12 +106,17 @@ class NativeDecode:
                              mult.data_ptr(), mult.shape[1] if mult.shape[0] > 1 else 0, hi - lo)
         return groups
 
-    def step(self, x: torch.Tensor, lens: list[int], kv: torch.Tensor, sel: Any, threads: int) -> None:
+    def step(self, x: torch.Tensor, lens: list[int], kv: torch.Tensor, sel: Any, threads: int, *,
+             slots: list[int] | None = None, one_layer: bool = False, int8: bool | None = None) -> None:
         """Run every layer on ``x`` [n, hidden] in place (the rows' embeddings in, their last hidden
-        states out); row i's new keys/values go to column ``lens[i]`` of ``kv`` (a contiguous SlotCache
-        block)."""
+        states out); row i's new keys/values go to column ``lens[i]`` of its slot of ``kv`` (a contiguous
+        SlotCache block): slot ``slots[i]``, by default slot i. ``one_layer``: ``kv`` is one layer's block,
+        reused by every layer (keys/values not kept). ``int8``: override the model's int8 setting."""
         n = x.shape[0]
         assert x.is_contiguous() and x.dtype == torch.float32 and kv.is_contiguous() and len(lens) == n
+        assert slots is None or (len(slots) == n and min(slots) >= 0 and max(slots) < kv.shape[1])
+        assert max(lens) < kv.shape[4]
         lora = self._lora(sel)
         self.lib.lb_decode_step(ctypes.byref(self.model), lora, n, x.data_ptr(), (c_long * n)(*lens),
-                                kv.data_ptr(), kv.shape[1], kv.shape[4], threads, int(self.int8))
+                                None if slots is None else (c_long * n)(*slots), kv.data_ptr(), kv.shape[1],
+                                kv.shape[4], int(one_layer), threads, int(self.int8 if int8 is None else int8))

@@ -110,14 +110,18 @@ static float dot(const float *a, const float *b, int n) {
 
 /* x [n, hidden]: the rows' embeddings in, their last hidden states (before the final norm) out.
    lens[i]: row i's cached tokens (its new token goes to column lens[i] and has that position).
-   kv: [layers, kv_rows, 2, n_kv, kv_cols, head_dim]. lora: 4 groups (qkv, o, gate/up, down) or NULL.
+   slots[i]: the cache row that row i reads and writes (NULL: row i's own). A prefill is this step with one
+   row per prompt token: a prompt's tokens share its slot at consecutive positions, and since every row's
+   key/value is written before any row attends, each token attends to itself and the tokens before it.
+   kv: [layers, kv_rows, 2, n_kv, kv_cols, head_dim], or with one_layer a single layer's block that every
+   layer reuses (a prefill whose keys/values are not kept). lora: 4 groups (qkv, o, gate/up, down) or NULL.
    int8: the block-quantised base weights multiply int8-rounded activations (kernels_int8.c; approximate). */
-void lb_decode_step(const lb_model *m, const lb_lora *lora, int n, float *x, const long *lens, float *kv,
-                    long kv_rows, long kv_cols, int threads, int int8) {
+void lb_decode_step(const lb_model *m, const lb_lora *lora, int n, float *x, const long *lens, const long *slots,
+                    float *kv, long kv_rows, long kv_cols, int one_layer, int threads, int int8) {
     const int D = m->hidden, nq = m->n_heads, nkv = m->n_kv, hd = m->head_dim, I = m->inter, half = hd / 2;
     const int g = nq / nkv;
     const long qd = (long)nq * hd, kvd = (long)nkv * hd, QKV = qd + 2 * kvd;
-    const long s_head = kv_cols * hd, s_kv = nkv * s_head, s_row = 2 * s_kv, s_layer = kv_rows * s_row;
+    const long s_head = kv_cols * hd, s_kv = nkv * s_head, s_row = 2 * s_kv, s_layer = one_layer ? 0 : kv_rows * s_row;
     long rmax = 1;
     static const lb_lora none = {0};
     for (int j = 0; lora && j < 4; j++)
@@ -164,7 +168,7 @@ void lb_decode_step(const lb_model *m, const lb_lora *lora, int n, float *x, con
                 if (hh < nq) {
                     memcpy(v, rot, sizeof(float) * hd);
                 } else {
-                    float *dst = layer_kv + i * s_row + (hh - nq) * s_head + lens[i] * hd;
+                    float *dst = layer_kv + (slots ? slots[i] : i) * s_row + (hh - nq) * s_head + lens[i] * hd;
                     memcpy(dst, rot, sizeof(float) * hd);
                     memcpy(dst + s_kv, qkv + i * QKV + qd + kvd + (long)(hh - nq) * hd, sizeof(float) * hd);
                 }
@@ -173,7 +177,7 @@ void lb_decode_step(const lb_model *m, const lb_lora *lora, int n, float *x, con
             for (long it = 0; it < (long)n * nq; it++) {
                 int i = (int)(it / nq), hq = (int)(it % nq);
                 const float *q = qkv + i * QKV + (long)hq * hd;
-                const float *K = layer_kv + i * s_row + (hq / g) * s_head, *V = K + s_kv;
+                const float *K = layer_kv + (slots ? slots[i] : i) * s_row + (hq / g) * s_head, *V = K + s_kv;
                 long width = lens[i] + 1;
                 float mx = -INFINITY, sum = 0.0f;
                 for (long c = 0; c < width; c++) {

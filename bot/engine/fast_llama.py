@@ -19,7 +19,8 @@ What it does differently, all of it exact up to floating-point summation order:
 * grouped-query attention without copying K/V: the query heads that share a K/V head are laid out as
   extra query positions of that head;
 * prefill computes the last layer's attention output and MLP only at each row's last position, and
-  classification computes only the logits it needs.
+  classification computes only the logits it needs; a short prefill (up to ``NATIVE_PREFILL_MAX_ROWS``
+  tokens: a sentiment or NER message) is one native step whose rows are the prompts' tokens.
 
 Greedy outputs equal those of transformers + PEFT (tests/test_engine_local.py checks it token for token).
 """
@@ -249,6 +250,11 @@ class FastLlama:
     """A LlamaForCausalLM's weights prepared for batched multi-adapter inference (see module docstring)."""
 
     KERNEL_MAX_ROWS = 64  # above this many rows the bundled BLAS is as fast (measured)
+    # Prompts' tokens up to which a prefill is one native step. Measured on the bundled model, 2 threads,
+    # with an adapter: 25 tokens 66 ms vs 84 in the Python layers, 96 tokens 184 vs 198, 4 x 25 186 vs 201,
+    # but 150 tokens 339 vs 327 and 400 970 vs 878: past ~120 rows the step's plain attention loop (every
+    # query row against every earlier key) costs more than the Python layers' overhead it saves.
+    NATIVE_PREFILL_MAX_ROWS = 128
 
     def __init__(self, cfg: Any, weights: dict[str, torch.Tensor], *, max_context: int = 2048,
                  cpu_kernel: bool = True, inv_freq: torch.Tensor | None = None, attention_scaling: float = 1.0,
@@ -560,12 +566,28 @@ class FastLlama:
 
         With a ``Reservation`` the keys/values are written into its slots (commit it afterwards).
         """
+        lengths = [len(p) for p in prompts]
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
+        sel = self._selection(adapters)
+        sel = sel.per_token(torch.tensor(lengths, device=self.device)) if sel is not None else None
+        res = target if isinstance(target, Reservation) else None
+        x = self._rows(self.embed, ids)
+        last = torch.cumsum(torch.tensor(lengths, device=self.device), 0) - 1   # each prompt's last packed row
+        if (self.native is not None and len(ids) <= self.NATIVE_PREFILL_MAX_ROWS
+                and (res is None or (res.cache.kv is not None and res.cache.kv.is_contiguous()))):
+            h = self._native_prefill(x, lengths, sel, res)[last]
+        else:
+            h = self._python_prefill(x, lengths, sel, res, last)
+        if res is not None:
+            res.lengths = lengths
+        return self._logits(h, target if isinstance(target, Columns) else None)
+
+    def _python_prefill(self, x: torch.Tensor, lengths: list[int], sel: _Sel | None, res: Reservation | None,
+                        last: torch.Tensor) -> torch.Tensor:
         # The prompts are packed (no padding) through the linear layers, which cost nearly everything;
         # only attention sees them padded to the longest, [rows, width], where masks are simple.
-        rows, width = len(prompts), max(len(p) for p in prompts)
-        lengths = [len(p) for p in prompts]
+        rows, width = len(lengths), max(lengths)
         lens = torch.tensor(lengths, device=self.device)
-        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         padded_at = positions + torch.arange(rows, device=self.device).repeat_interleave(lens) * width
         cols = torch.arange(width, device=self.device)
@@ -573,10 +595,6 @@ class FastLlama:
         valid = cols[None, :] < lens[:, None]                         # [B, T]
         mask = (causal[None] & valid[:, None, :]).repeat_interleave(self.group, dim=1).unsqueeze(1)
         last_mask = valid[:, None, None, :]                           # [B, 1, 1, T]
-        last = torch.cumsum(lens, 0) - 1                              # each prompt's last packed row
-        sel = self._selection(adapters)
-        sel = sel.per_token(lens) if sel is not None else None
-        res = target if isinstance(target, Reservation) else None
         kv = res.cache.kv if res is not None else None
         nkv, g, hd = self.n_kv, self.group, self.head_dim
 
@@ -600,11 +618,27 @@ class FastLlama:
             out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=self.scale)
             return out.view(rows, nkv, width, g, hd).permute(0, 2, 1, 3, 4).reshape(rows * width, -1)[padded_at]
 
-        x = self._rows(self.embed, ids)
-        h = self._run_layers(x, positions, sel, attend, last=last)
+        return self._run_layers(x, positions, sel, attend, last=last)
+
+    def _native_prefill(self, x: torch.Tensor, lengths: list[int], sel: _Sel | None,
+                        res: Reservation | None) -> torch.Tensor:
+        """The prompts' tokens as rows of one native step: a prompt's tokens share its slot at positions
+        0, 1, ... (``lb_decode_step`` writes every row's key/value before any row attends, so attention is
+        causal). Without a reservation the keys/values go to one scratch layer that every layer reuses."""
+        assert self.native is not None
+        h = x.contiguous()
+        positions = [p for n in lengths for p in range(n)]
+        first = res.start if res is not None else 0
+        slots = [first + r for r, n in enumerate(lengths) for _ in range(n)]
         if res is not None:
-            res.lengths = lengths
-        return self._logits(h, target if isinstance(target, Columns) else None)
+            assert res.cache.kv is not None
+            kv = res.cache.kv
+        else:
+            kv = torch.empty((1, len(lengths), 2, self.n_kv, max(lengths), self.head_dim), dtype=self.dtype)
+        # Exact arithmetic for prompts whatever engine.int8_activations says (it is a decode-speed option).
+        self.native.step(h, positions, kv, sel, torch.get_num_threads(), slots=slots, one_layer=res is None,
+                         int8=False)
+        return h
 
     @torch.inference_mode()
     def decode(self, cache: SlotCache, tokens: list[int], adapters: list[str | None]) -> torch.Tensor:

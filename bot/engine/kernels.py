@@ -100,7 +100,8 @@ def _build() -> tuple[Any, KernelStatus]:
     lib.lb_dequant_q80.argtypes = lib.lb_dequant_q41.argtypes
     lib.lb_dequant_q80.restype = None
     lib.lb_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                   ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int]
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int,
+                                   ctypes.c_int, ctypes.c_int]
     lib.lb_decode_step.restype = None
     lib.lb_linear_i8.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
                                  ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,

@@ -85,6 +85,20 @@ def test_conll_and_entities(tmp_path: Path) -> None:
     assert examples[0].entities() == [("EU", "ORG"), ("German", "MISC")]
     assert examples[1].entities() == [("Peter Blackburn", "PER")]
     assert examples[1].text == "Peter Blackburn"
+    assert examples[0].doc == examples[1].doc == "document 1"
+
+
+def test_ner_holdout_keeps_documents_whole(tmp_path: Path) -> None:
+    # A news story repeats its names: a sentence-level split would score names the model trained on.
+    docs = "".join(f"-DOCSTART- O\n\nStory{d} B-ORG\nwins O\n\nStory{d} B-ORG\nloses O\n\nsame O\n\n"
+                   for d in range(200))
+    examples = D.read_ner(write(tmp_path, "x.txt", docs))
+    assert len(examples) == 600 and len({e.doc for e in examples}) == 200
+    held = D.select(examples, DataSpec("p", holdout=0.25, part="holdout"), seed=1)
+    train = D.select(examples, DataSpec("p", holdout=0.25, part="train"), seed=1)
+    assert len(held) + len(train) == 600 and 90 < len(held) < 210 and len(held) % 3 == 0
+    assert not {e.doc for e in held} & {e.doc for e in train}
+    assert {e.text for e in held} & {e.text for e in train} == {"same"}   # the same sentence in two stories
 
 
 def test_conll_iob1_becomes_iob2(tmp_path: Path) -> None:
@@ -97,6 +111,8 @@ def test_conll_iob1_becomes_iob2(tmp_path: Path) -> None:
 def test_ner_jsonl(tmp_path: Path) -> None:
     path = jsonl(tmp_path, "x.jsonl", [{"tokens": ["Bonn", "is", "nice"], "tags": ["B-LOC", "O", "O"]}])
     assert D.read_ner(path) == [D.NERExample(("Bonn", "is", "nice"), ("B-LOC", "O", "O"))]
+    path = jsonl(tmp_path, "y.jsonl", [{"tokens": ["Bonn"], "tags": ["B-LOC"], "doc": 7}])
+    assert D.read_ner(path)[0].group == "7"
 
 
 @pytest.mark.parametrize(("name", "text", "line", "words"), [

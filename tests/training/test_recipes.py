@@ -14,7 +14,7 @@ from training.recipes import make_all
 RECIPES = Path(make_all.__file__).parent
 
 
-@pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first", "qa_second"])
+@pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first", "qa_second", "ner_first"])
 def test_recipe_resolves(name: str) -> None:
     config = load_config(RECIPES / f"{name}.toml")
     # An adapter is named after its task, except the domain one, named after its domain.
@@ -36,11 +36,26 @@ def test_qa_recipe_holds_out_disjoint_paragraphs() -> None:
     assert 0.1 < len(dev) / (len(train) + len(dev)) < 0.2
 
 
+def test_ner_recipe_holds_out_whole_documents_it_never_trains_on() -> None:
+    from training.data import load
+
+    config = load_config(RECIPES / "ner.toml")
+    dev_in_train = [s for s in config.data.train if "conll2003_dev" in s.path]
+    (dev_spec,) = config.data.dev
+    path = shared_data("ner/conll2003_dev.txt")
+    train = load("ner", replace(dev_in_train[0], path=str(path)), (), seed=config.seed)
+    held = load("ner", replace(dev_spec, path=str(path)), (), seed=config.seed)
+    assert not {e.doc for e in train} & {e.doc for e in held}
+    assert len(train) + len(held) == 3250 and 900 < len(held) < 1100
+    assert make_all.STAGES["ner"] == ("ner_first", "ner")
+    assert config.train.init_adapter == "runs/adapters/ner_first" and not config.train.keep_best
+
+
 def test_make_all_dry_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(Path.cwd())  # make_all changes to the repository root; restored afterwards
-    assert make_all.main(["--dry-run", "--force", "ner"]) == 0
+    assert make_all.main(["--dry-run", "--force", "sentiment"]) == 0
     out = capsys.readouterr().out
-    assert "-m training train ner --config" in out and "--resume" in out
+    assert "-m training train sentiment --config" in out and "--resume" in out
 
 
 def test_make_all_trains_qa_in_stages(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
