@@ -16,8 +16,7 @@ from training.canonical import load, run
 pytestmark = pytest.mark.real_model
 
 REPO = Path(__file__).resolve().parents[1]
-KNOWN_WRONG = {"Angela Merkel met Emmanuel Macron in Paris", "Google and Microsoft both have offices in Seattle.",
-               "Which city is the capital of Australia?"}   # the fox flies since the story adapter of 2026-12-02
+KNOWN_WRONG = {"Which city is the capital of Australia?"}   # the NER misses are right since ner stage 2 (2026-12-02)
 
 
 def test_the_checks_tell_right_from_wrong() -> None:

@@ -226,13 +226,16 @@ def test_fast_forward_matches_peft_logits_with_mixed_adapters(tiny_base, tiny_ad
     got = fast.prefill([prompt] * len(rows), rows)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
-    # Removing an adapter from the middle of the stacks leaves the others' results unchanged.
-    fast.remove_adapter("ner")
+    # Removing an adapter from the middle of the stacks leaves the others' results unchanged, up to float
+    # rounding: each row's LoRA sums over the whole stack (zeros outside its adapter's columns), and the
+    # stack's width and order change. 1e-4 is the bound against PEFT too; a wrong slice moves logits by ~1.
     kept = [r for r in rows if r != "ner"]
-    assert torch.allclose(fast.prefill([prompt] * len(kept), kept), got[[i for i, r in enumerate(rows) if r != "ner"]],
-                          atol=1e-5)
+    before = fast.prefill([prompt] * len(kept), kept)
+    assert torch.allclose(before, got[[i for i, r in enumerate(rows) if r != "ner"]], atol=1e-4, rtol=1e-4)
+    fast.remove_adapter("ner")
+    assert torch.allclose(fast.prefill([prompt] * len(kept), kept), before, atol=1e-4, rtol=1e-4)
     fast.add_adapter("ner", tiny_adapters / "ner")
-    assert torch.allclose(fast.prefill([prompt] * len(rows), rows), got, atol=1e-5)
+    assert torch.allclose(fast.prefill([prompt] * len(rows), rows), got, atol=1e-4, rtol=1e-4)
 
 
 def test_fast_backend_refuses_what_it_cannot_run(tiny_base, tiny_adapters, tmp_path):

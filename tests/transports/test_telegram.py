@@ -67,7 +67,10 @@ async def test_streamed_story_is_edited_at_a_throttled_pace_and_ends_complete(
     assert edits[-1]["text"] == final and "reply_markup" in edits[-1].params
     assert all("reply_markup" not in e.params for e in edits[:-1])
     assert 2 <= len(edits) <= 10                                # coalesced: not one edit per word (20)
-    assert min(_gaps([first, *edits])) >= 0.25 * 0.9           # at most one edit per interval
+    # At most one edit per interval: the times are the fake server's receipts, so one gap can shrink by a
+    # loaded machine's delivery jitter (0.217 s seen); their mean cannot, and no gap comes near zero.
+    gaps = _gaps([first, *edits])
+    assert sum(gaps) / len(gaps) >= 0.25 * 0.9 and min(gaps) >= 0.25 * 0.5
     assert {c["message_id"] for c in edits} == {"5000"}        # always the same message
     typing = api.of("sendChatAction")
     assert typing and typing[0]["action"] == "typing"
