@@ -1,7 +1,6 @@
 """The hand-written canonical examples (training/canonical_examples.jsonl) through the bot with the shipped
-adapters. The goal is every one right (issue: skill quality, round two); the shipped adapters get 17 of 21
-(2026-12-02: NER misses a sentence-final place in two sentences, QA picks Sydney as Australia's capital,
-the story about a fox who wanted to fly never mentions flying), so this holds that line and names what
+adapters. The goal is every one right (issue: skill quality, round two); the shipped adapters get 20 of 21
+(2026-12-02, after NER stage 2: QA still picks Sydney as Australia's capital), so this holds that line and names what
 changed when it moves."""
 
 from __future__ import annotations
