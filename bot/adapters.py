@@ -3,7 +3,7 @@
 An adapter folder is self-describing:
     adapter_config.json         PEFT's LoRA config (plain LoRA on linear layers, no modules_to_save)
     adapter_model.safetensors   the LoRA weights (never pickles)
-    lorabot.json                the manifest: task, prompt-format version, labels, base model
+    lorabot.json                the manifest: task, prompt-format version, labels, base model (sentiment: label_offsets)
     README.md                   the model card (data, hyperparameters, measured scores)
     metrics.json, curves.png    optional: training/eval figures
 A bad folder is reported with a clear reason and skipped; the others still load.
@@ -12,6 +12,7 @@ A bad folder is reported with a clear reason and skipped; the others still load.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
     description: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Sentiment: per-label log-prior corrections fitted after training (training/calibrate.py); {} = none.
+    label_offsets: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ def validate_adapter(path: Path, *, base_model: str | None = None, base_shape: s
         raise AdapterError(f"{MANIFEST}: a {task} adapter must list its labels")
     if len(set(labels)) != len(labels):
         raise AdapterError(f"{MANIFEST}: duplicate labels")
+    offsets = _label_offsets(manifest.get("label_offsets", {}), labels)
     shape = str(manifest.get("base_shape", ""))
     if base_shape is not None and shape != base_shape:
         raise AdapterError(
@@ -183,7 +187,25 @@ def validate_adapter(path: Path, *, base_model: str | None = None, base_shape: s
         name=name, path=path, task=task, format_version=version, labels=tuple(labels),
         base_model=str(manifest.get("base_model", "")), base_shape=shape, rank=rank,
         target_modules=tuple(targets), description=str(manifest.get("description", "")), metrics=metrics,
+        label_offsets=offsets,
     )
+
+
+MAX_OFFSET = 20.0  # a probability scaled by e^20 or more is no correction any more: a broken file
+
+
+def _label_offsets(raw: Any, labels: list[str]) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{MANIFEST}: label_offsets must be an object of label -> number")
+    unknown = sorted(set(raw) - set(labels))
+    if unknown:
+        raise AdapterError(f"{MANIFEST}: label_offsets names labels the adapter does not have: {', '.join(unknown)}")
+    for label, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                or abs(value) > MAX_OFFSET:
+            raise AdapterError(f"{MANIFEST}: label_offsets[{label!r}] must be a number between "
+                               f"-{MAX_OFFSET:g} and {MAX_OFFSET:g}, got {value!r}")
+    return {label: float(raw[label]) for label in labels if label in raw}
 
 
 def scan_adapters(

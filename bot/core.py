@@ -289,7 +289,8 @@ class Core:
             c = await self.engine.classify(
                 SentimentFormat.prompt(text), [SentimentFormat.continuation(x) for x in labels], name,
             )
-            result = SentimentFormat.result(dict(zip(labels, c.scores.values(), strict=True)))
+            result = SentimentFormat.result(dict(zip(labels, c.scores.values(), strict=True)),
+                                            adapter.label_offsets if name and adapter else None)
             usage = Usage(prompt_tokens=c.prompt_tokens, latency_ms=_ms(started))
             return _Outcome(result, render(result), name, usage)
         if task == "ner":

@@ -7,7 +7,9 @@ version they were trained with and the bot refuses a mismatch.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,7 +43,14 @@ class SentimentFormat:
         return " " + label
 
     @staticmethod
-    def result(scores: dict[str, float]) -> Sentiment:
+    def result(scores: dict[str, float], offsets: Mapping[str, float] | None = None) -> Sentiment:
+        """The most probable label. ``offsets`` (an adapter's ``label_offsets``, training/calibrate.py) are
+        added to the labels' log-probabilities before renormalising: a correction of the label priors the
+        adapter learned from its training mix, fitted on held-out data."""
+        if offsets:
+            scaled = {k: p * math.exp(offsets.get(k, 0.0)) for k, p in scores.items()}
+            total = sum(scaled.values())
+            scores = {k: p / total for k, p in scaled.items()} if total > 0 else scores
         label = max(scores, key=scores.__getitem__)
         return Sentiment(label=label, scores=dict(scores))
 

@@ -200,3 +200,18 @@ async def test_history_shows_what_was_said_not_the_command(core, engine):
     await core.handle(msg("/chat and yours?"))
     prompt = engine.calls[-1][1]
     assert "user: my name is Ada" in prompt and "/chat" not in prompt
+
+
+async def test_sentiment_applies_the_adapters_label_offsets(store):
+    """The fake adapter says neutral at 0.9 for a plain sentence; offsets from the manifest move it."""
+    import dataclasses
+
+    engine = FakeEngine()
+    info = engine.installed["sentiment"]
+    engine.installed["sentiment"] = dataclasses.replace(info, label_offsets={"neutral": -3.0, "negative": 0.5})
+    core = Core(Config(), engine, store)
+    reply = await core.handle(msg("/sentiment the train leaves at nine"))
+    # neutral 0.9 * e^-3 = 0.045, negative 0.05 * e^0.5 = 0.082, positive 0.05: renormalised.
+    assert reply.result.label == "negative"
+    assert abs(sum(reply.result.scores.values()) - 1) < 1e-9
+    assert reply.result.scores["negative"] > reply.result.scores["positive"] > reply.result.scores["neutral"]

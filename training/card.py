@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.skills import SKILLS
+from training.calibrate import card_section
 from training.config import TrainConfig, to_toml
 from training.evaluate import PRIMARY
 
@@ -65,7 +66,7 @@ def _stages(init: dict[str, Any]) -> str:
 
 def write_card(path: Path, *, name: str, config: TrainConfig, base_name: str, labels: list[str],
                data: list[dict[str, Any]], train: dict[str, Any], scores: dict[str, Any],
-               base_scores: dict[str, Any]) -> None:
+               base_scores: dict[str, Any], calibration: dict[str, Any] | None = None) -> None:
     """README.md: what the adapter does, its data, hyper-parameters, cost and measured scores."""
     task = config.task
     skill = next((s for s in SKILLS.values() if s.task == task), None)
@@ -89,6 +90,7 @@ def write_card(path: Path, *, name: str, config: TrainConfig, base_name: str, la
         f"(primary metric: {PRIMARY[task]}).", "",
         *_score_rows(task, scores, base_scores),
         "",
+        *([*card_section(calibration), ""] if calibration else []),
         "## Training", "",
         f"- time: {train['time_s']:.0f} s ({minutes:.1f} min) on {train['machine']}, "
         f"{train['processes']} process(es) x {train['threads']} thread(s), {train['dtype']}",

@@ -1,4 +1,4 @@
-"""``lorabot train | eval | export``: argparse subcommands (bot/cli.py calls ``add_commands``).
+"""``lorabot train | eval | calibrate | export``: argparse subcommands (bot/cli.py calls ``add_commands``).
 
 Only argparse and the standard library are imported here; torch and friends load inside the command
 functions, so ``lorabot --help`` stays fast.
@@ -16,7 +16,7 @@ TASKS = ("sentiment", "ner", "qa", "story", "domain", "chat")
 
 
 def add_commands(subparsers: Any) -> None:
-    """Add the train, eval and export subcommands; each sets ``func(args) -> exit code``."""
+    """Add the train, eval, calibrate and export subcommands; each sets ``func(args) -> exit code``."""
     p = subparsers.add_parser("train", help="train a LoRA adapter for a task",
                               description="Train a LoRA adapter. Output goes to a hidden temporary folder and "
                                           "replaces --out only when training and evaluation succeed.")
@@ -55,6 +55,17 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--predictions", type=Path, metavar="FILE.jsonl",
                    help="also write one JSON line per example (input, gold, output, score) for error analysis")
     p.set_defaults(func=eval_command)
+
+    p = subparsers.add_parser(
+        "calibrate", help="fit a sentiment adapter's label offsets on its recipe's data.calibrate",
+        description="Fit the label offsets (corrections of the label priors) of a sentiment adapter on the "
+                    "calibration data its recipe.toml names, score its dev data with and without them, and "
+                    "rewrite its lorabot.json, metrics.json and README.md. Training does this itself when the "
+                    "recipe has data.calibrate.")
+    p.add_argument("adapter", type=Path, metavar="DIR", help="the adapter folder")
+    p.add_argument("--base", help="base model (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=calibrate_command)
 
     p = subparsers.add_parser("export", help="export logged conversations as chat training data (JSONL)")
     p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the bot's conversation database")
@@ -130,6 +141,21 @@ def eval_command(args: argparse.Namespace) -> int:
                 print(f"  {key:<14} " + ", ".join(f"{k} {v:.2f}" for k, v in value.items()))
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
+        return 0
+
+    return _guard(run)
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from training.calibrate import calibrate_folder
+
+        report = calibrate_folder(args.adapter, base=args.base, batch_size=args.batch_size)
+        print(f"{args.adapter}: label offsets " + ", ".join(f"{k} {v:+.2f}" for k, v in report["offsets"].items()))
+        for name, after in report["dev"].items():
+            before = report["dev_before"][name]
+            print(f"  {name:<24} accuracy {before['accuracy']:6.2f} -> {after['accuracy']:6.2f}   "
+                  f"macro-recall {before['macro_recall']:6.2f} -> {after['macro_recall']:6.2f}")
         return 0
 
     return _guard(run)

@@ -49,6 +49,9 @@ def _plain(value: Any) -> Any:
 class DataSettings(_Section):
     train: tuple[DataSpec, ...] = ()   # data specs: "file" or {path, limit, skip, min_words, balance, holdout, part}
     dev: tuple[DataSpec, ...] = ()     # each dev spec is scored separately (one score per file)
+    # Sentiment: examples disjoint from train and dev that fit the adapter's label offsets after training
+    # (training/calibrate.py); empty = none.
+    calibrate: tuple[DataSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,8 @@ def fingerprint(config: TrainConfig | Mapping[str, Any]) -> str:
     Also takes a recipe.toml read back from an adapter folder as a plain mapping (make_all compares one)."""
     plain = config.to_dict() if isinstance(config, TrainConfig) else config
     keep = {k: plain[k] for k in ("task", "base", "seed", "labels", "data", "lora")}
+    if not keep["data"].get("calibrate"):  # older recipes lack the key: their fingerprints stay the same
+        keep["data"] = {k: v for k, v in keep["data"].items() if k != "calibrate"}
     keep["train"] = {k: plain["train"][k] for k in ("batch_size", "epochs", "max_steps", "max_length", "lr")}
     if plain["train"].get("keep_best"):  # older recipes lack the key: their fingerprints stay the same
         keep["train"]["keep_best"] = True

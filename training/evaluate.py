@@ -14,7 +14,7 @@ import collections
 import math
 import re
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,8 +197,10 @@ def perplexity(model: Any, encoded: Sequence[Encoded], pad_id: int, *, batch_siz
 def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, labels: Sequence[str] = (),
              batch_size: int = 16, max_new_tokens: int = 0, max_length: int = 1024,
              predictions: list[dict[str, Any]] | None = None, themes: bool = False,
-             span_constrained: bool = True) -> dict[str, Any]:
+             span_constrained: bool = True, label_offsets: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Score ``model`` on ``examples`` (all of them; evaluation never drops long examples).
+
+    Sentiment labels are decided as the bot decides them, with the adapter's ``label_offsets`` when given.
 
     QA answers are decoded as spans of the context, as the bot decodes them (``span_constrained=False``:
     free text, for comparison).
@@ -211,7 +213,7 @@ def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, la
     try:
         if task == "sentiment":
             return eval_sentiment(model, tok, examples, labels, batch_size=batch_size,  # type: ignore[arg-type]
-                                  predictions=predictions)
+                                  predictions=predictions, offsets=label_offsets)
         if task == "ner":
             return eval_ner(model, tok, examples, labels, batch_size=batch_size,  # type: ignore[arg-type]
                             max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["ner"], predictions=predictions)
@@ -263,14 +265,26 @@ def theme_adherence(model: Any, tok: Any, *, batch_size: int = 16,
     return {"theme_adherence": 100 * sum(hits) / len(hits), "themes_n": len(hits)}
 
 
-def eval_sentiment(model: Any, tok: Any, examples: Sequence[SentimentExample], labels: Sequence[str], *,
-                   batch_size: int = 16, predictions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def sentiment_choices(examples: Sequence[SentimentExample], labels: Sequence[str]) -> list[str]:
+    """Only the labels present in the data compete (in the adapter's order), so a 3-class adapter
+    can be scored on a binary dataset."""
     present = {ex.label for ex in examples}
-    # Only the labels present in the data compete (in the adapter's order), so a 3-class adapter
-    # can be scored on a binary dataset.
-    choices = [label for label in labels if label in present] + sorted(present - set(labels))
-    probs = label_probs(model, tok, [ex.text for ex in examples], choices, batch_size=batch_size)
-    pred = [choices[max(range(len(p)), key=p.__getitem__)] for p in probs]
+    return [label for label in labels if label in present] + sorted(present - set(labels))
+
+
+def sentiment_predictions(probs: Sequence[Sequence[float]], choices: Sequence[str],
+                          offsets: Mapping[str, float] | None = None) -> tuple[list[str], list[list[float]]]:
+    """Each row's label and probabilities as the bot decides them (SentimentFormat.result, offsets applied)."""
+    decided = [SentimentFormat.result(dict(zip(choices, p, strict=True)), offsets) for p in probs]
+    return [d.label for d in decided], [[d.scores[c] for c in choices] for d in decided]
+
+
+def eval_sentiment(model: Any, tok: Any, examples: Sequence[SentimentExample], labels: Sequence[str], *,
+                   batch_size: int = 16, predictions: list[dict[str, Any]] | None = None,
+                   offsets: Mapping[str, float] | None = None) -> dict[str, Any]:
+    choices = sentiment_choices(examples, labels)
+    raw = label_probs(model, tok, [ex.text for ex in examples], choices, batch_size=batch_size)
+    pred, probs = sentiment_predictions(raw, choices, offsets)
     metrics = sentiment_metrics([ex.label for ex in examples], pred, choices)
     metrics["labels"] = choices
     if predictions is not None:

@@ -6,6 +6,7 @@ adapter folder. ``evaluate_adapter`` is the ``lorabot eval`` counterpart.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from training.config import TrainConfig
 from training.dataspec import DataSpec
 
 
-def _read(config: TrainConfig, labels: tuple[str, ...]) -> tuple[list[D.Example], dict[str, list[D.Example]],
+def read_data(config: TrainConfig, labels: tuple[str, ...]) -> tuple[list[D.Example], dict[str, list[D.Example]],
                                                                  list[dict[str, Any]]]:
     """Training examples (all specs joined), dev sets by name, and a description of each file for the card."""
     task, seed = config.task, config.seed
@@ -31,12 +32,32 @@ def _read(config: TrainConfig, labels: tuple[str, ...]) -> tuple[list[D.Example]
     dev: dict[str, list[D.Example]] = {}
     for spec in config.data.dev:
         examples = D.load(task, spec, labels, seed)
-        name = Path(spec.path).stem + ("-holdout" if spec.part == "holdout" else "")
-        while name in dev:
-            name += "+"
-        dev[name] = examples
+        dev[_set_name(spec, dev)] = examples
         info.append({"path": spec.path, "part": f"dev: {_part(spec)}", "examples": len(examples), "split": "dev"})
     return train, dev, info
+
+
+def read_calibration(config: TrainConfig, labels: tuple[str, ...]) -> tuple[dict[str, list[D.Example]],
+                                                                          list[dict[str, Any]]]:
+    """The ``data.calibrate`` sets by name (sentiment's label offsets, training/calibrate.py) and their card rows."""
+    if config.data.calibrate and config.task != "sentiment":
+        raise DataError("data.calibrate", None, f"label offsets are for sentiment adapters, not {config.task}")
+    sets: dict[str, list[D.Example]] = {}
+    info = []
+    for spec in config.data.calibrate:
+        name = _set_name(spec, sets)
+        sets[name] = D.load(config.task, spec, labels, config.seed)
+        info.append({"path": spec.path, "part": f"calibration: {_part(spec)}", "examples": len(sets[name]),
+                     "split": "calibrate"})
+    return sets, info
+
+
+def _set_name(spec: DataSpec, taken: Mapping[str, Any]) -> str:
+    """A dev or calibration set's name: its file's stem (``-holdout`` for that side of a split), unique."""
+    name = Path(spec.path).stem + ("-holdout" if spec.part == "holdout" else "")
+    while name in taken:
+        name += "+"
+    return name
 
 
 def _part(spec: DataSpec) -> str:
@@ -57,13 +78,15 @@ def _run(config: TrainConfig, out: Path, labels: tuple[str, ...], resume: bool) 
     from training.trainer import train
 
     check_name(out)  # before reading data or loading the model
-    examples, dev, info = _read(config, labels)
+    examples, dev, info = read_data(config, labels)
+    calibration, calibration_info = read_calibration(config, labels)
     if config.task == "ner" and not labels:
         # Entity types as found in the training data, in the bot's usual order first.
         found = {t for ex in examples for _, t in ex.entities()}  # type: ignore[union-attr]
         labels = tuple(t for t in NERFormat.default_labels if t in found) + tuple(sorted(found -
                                                                                            set(NERFormat.default_labels)))
-    return train(config, out, examples, dev, labels=labels, resume=resume, data_info=info)
+    return train(config, out, examples, dev, labels=labels, resume=resume, data_info=info + calibration_info,
+                 calibration=calibration)
 
 
 def sentiment(config: TrainConfig, out: Path, *, resume: bool = False) -> Path:
@@ -120,6 +143,7 @@ def evaluate_adapter(task: str, data: Path, *, adapter: Path | None, base: str =
     if threads:
         torch.set_num_threads(threads)
     labels: tuple[str, ...] = ()
+    offsets: dict[str, float] = {}
     if adapter is not None:
         ref = resolve_base(base, progress=progress)
         from transformers import AutoConfig
@@ -128,7 +152,7 @@ def evaluate_adapter(task: str, data: Path, *, adapter: Path | None, base: str =
             AutoConfig.from_pretrained(ref.path, local_files_only=True)))
         if info.task != task:
             raise AdapterError(f"{adapter} is a {info.task} adapter, not {task}")
-        labels = info.labels
+        labels, offsets = info.labels, info.label_offsets
     spec = DataSpec(str(data), holdout=holdout, part="holdout") if holdout else DataSpec(str(data))
     read_labels = labels or (SentimentFormat.default_labels if task == "sentiment" else ())
     examples = D.load(task, spec, read_labels, seed=0)
@@ -141,7 +165,7 @@ def evaluate_adapter(task: str, data: Path, *, adapter: Path | None, base: str =
     started = time.perf_counter()
     metrics = evaluate(task, model, tok, examples, labels=labels, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, max_length=max_length, predictions=predictions,
-                       themes=themes, span_constrained=span_constrained)
+                       themes=themes, span_constrained=span_constrained, label_offsets=offsets)
     return {"task": task, "adapter": str(adapter) if adapter else None, "base_model": ref.name, "data": str(data),
             "holdout": holdout or None, "n": len(examples), "metrics": metrics,
             "time_s": round(time.perf_counter() - started, 2)}

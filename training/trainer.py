@@ -252,8 +252,12 @@ def _threads(cfg: TrainSettings, processes: int) -> int:
 
 
 def train(config: TrainConfig, out: Path, train_examples: list[Example], dev: dict[str, list[Example]], *,
-          labels: tuple[str, ...] = (), resume: bool = False, data_info: list[dict[str, Any]] | None = None) -> Path:
-    """Train an adapter for ``config.task`` and write it to ``out`` (atomically); returns ``out``."""
+          labels: tuple[str, ...] = (), resume: bool = False, data_info: list[dict[str, Any]] | None = None,
+          calibration: dict[str, list[Example]] | None = None) -> Path:
+    """Train an adapter for ``config.task`` and write it to ``out`` (atomically); returns ``out``.
+
+    ``calibration`` (sentiment): sets that fit the label offsets after training (training/calibrate.py);
+    the dev scores written are then the ones with the offsets applied, as the bot decides."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -316,22 +320,33 @@ def train(config: TrainConfig, out: Path, train_examples: list[Example], dev: di
     base_scores = (evaluate_dev(run, config.eval.final_limit, base=True, final=True)
                    if config.eval.base else {})
     if acc.is_main_process:
+        report = None
+        if calibration:
+            from training.calibrate import calibrate
+
+            limit = config.eval.final_limit
+            report = calibrate(run.peft, run.tok, labels, calibration,
+                               {k: v[:limit] if limit else v for k, v in dev.items()},
+                               batch_size=config.eval.batch_size)
+            scores = report["dev"]
         train_info = _train_info(run, len(train_examples), skipped, dtype, init)
         metrics = {"task": task, "primary": PRIMARY[task], "dev": scores, "base": base_scores, "train": train_info,
-                   "history": {"loss": state.losses, "eval": state.evals}}
+                   "history": {"loss": state.losses, "eval": state.evals}} | ({"calibration": report} if report else {})
 
         def write(folder: Path) -> None:
             save_adapter(run.peft, folder, base_name=ref.name)
             manifest = manifest_dict(
                 name=name, task=task, labels=list(labels), base_model=ref.name,
                 base_shape=shape_signature(base.config), description=config.description,
-                extra={"dev_scores": {k: v[PRIMARY[task]] for k, v in scores.items()}})
+                extra={"dev_scores": {k: v[PRIMARY[task]] for k, v in scores.items()}}
+                | ({"label_offsets": report["offsets"]} if report else {}))
             (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             (folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
             (folder / "recipe.toml").write_text(to_toml(config), encoding="utf-8")
             plot_curves(folder / "curves.png", state.losses, state.evals, PRIMARY[task])
             write_card(folder / "README.md", name=name, config=config, base_name=ref.name, labels=list(labels),
-                       data=data_info or [], train=train_info, scores=scores, base_scores=base_scores)
+                       data=data_info or [], train=train_info, scores=scores, base_scores=base_scores,
+                       calibration=report)
 
         publish(out, write, base_model=ref.name, base_shape=shape_signature(base.config))
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
