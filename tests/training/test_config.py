@@ -32,7 +32,7 @@ FINGERPRINTS = {
     "qa": "89ab0cab84353f82eef05d7cd139e8d79b03a8fb6ffd1d144668809f2b292114",
     "qa_first": "df7901d63e48175d41adc6a9ceb28535c5e2eaabf12d069c27af14ac53e80f10",
     "qa_second": "207dc221ec13858b42105d5986988306e2ef13cb4221a120ba4f146a10f9224d",
-    "sentiment": "c54a3b9bf3a4fbcb7cd47e4ed74d26651b12d0f2b1a9478546ca64bbf7db1624",
+    "sentiment": "2e812fb2e495fc6395e7d54e3e5772cc44a80c89cec79bf19201fc6d51cde985",
     "story": "dcd3b112cc59aaca2c47d8ca76dd233d548dde886531583b09af633dcac194c9",   # themes = true (2026-12-02)
 }
 DEFAULT_FINGERPRINT = (
