@@ -63,9 +63,20 @@ def fit_offsets(sets: Sequence[tuple[Sequence[str], Sequence[Sequence[float]], S
 
 
 def calibrate(model: Any, tok: Any, labels: Sequence[str], calibration: Mapping[str, Sequence[Any]],
-              dev: Mapping[str, Sequence[Any]], *, batch_size: int = 32) -> dict[str, Any]:
-    """Fit the offsets on ``calibration`` and score ``dev`` with and without them (one forward pass each)."""
-    from training.evaluate import label_probs, sentiment_choices, sentiment_metrics, sentiment_predictions
+              dev: Mapping[str, Sequence[Any]], *, batch_size: int = 32,
+              predictions: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Fit the offsets on ``calibration`` and score ``dev`` with and without them (one forward pass each).
+
+    ``predictions``, when given, receives each dev set's records as ``evaluate`` writes them (offsets
+    applied), so a trainer needs no second pass over dev for its final scores.
+    """
+    from training.evaluate import (
+        label_probs,
+        sentiment_choices,
+        sentiment_metrics,
+        sentiment_predictions,
+        sentiment_records,
+    )
 
     was_training = model.training
     model.eval()
@@ -89,6 +100,9 @@ def calibrate(model: Any, tok: Any, labels: Sequence[str], calibration: Mapping[
                      "macro_recall_after": scores(c, p, gold, True)["macro_recall"]}
               for name, (c, p, gold) in fit_sets.items()}
     golds = {name: [ex.label for ex in examples] for name, examples in dev.items()}
+    if predictions is not None:
+        for name, (choices, probs) in dev_probs.items():
+            predictions[name] = sentiment_records(dev[name], *sentiment_predictions(probs, choices, offsets), choices)
     return {"offsets": offsets, "fit": fitted,
             "dev_before": {n: scores(c, p, golds[n], False) for n, (c, p) in dev_probs.items()},
             "dev": {n: scores(c, p, golds[n], True) for n, (c, p) in dev_probs.items()}}

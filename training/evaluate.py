@@ -288,10 +288,16 @@ def eval_sentiment(model: Any, tok: Any, examples: Sequence[SentimentExample], l
     metrics = sentiment_metrics([ex.label for ex in examples], pred, choices)
     metrics["labels"] = choices
     if predictions is not None:
-        predictions.extend({"text": ex.text, "gold": ex.label, "predicted": p, "correct": ex.label == p,
-                            "probs": dict(zip(choices, (round(x, 4) for x in ps), strict=True))}
-                           for ex, p, ps in zip(examples, pred, probs, strict=True))
+        predictions.extend(sentiment_records(examples, pred, probs, choices))
     return metrics
+
+
+def sentiment_records(examples: Sequence[SentimentExample], pred: Sequence[str], probs: Sequence[Sequence[float]],
+                      choices: Sequence[str]) -> list[dict[str, Any]]:
+    """One predictions-file record per example, as the bot decided it."""
+    return [{"text": ex.text, "gold": ex.label, "predicted": p, "correct": ex.label == p,
+             "probs": dict(zip(choices, (round(x, 4) for x in ps), strict=True))}
+            for ex, p, ps in zip(examples, pred, probs, strict=True)]
 
 
 def eval_ner(model: Any, tok: Any, examples: Sequence[NERExample], labels: Sequence[str], *,

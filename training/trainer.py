@@ -151,6 +151,25 @@ def evaluate_dev(run: Run, limit: int, *, base: bool = False, final: bool = Fals
     return scores
 
 
+def calibrate_dev(run: Run, calibration: dict[str, list[Example]]) -> dict[str, Any] | None:
+    """Fit the label offsets (training/calibrate.py) and score every dev set with them, writing the
+    predictions files as ``evaluate_dev(final=True)`` does; main process only (the others get None)."""
+    report = None
+    if run.accelerator.is_main_process:
+        from training.calibrate import calibrate
+
+        limit = run.config.eval.final_limit
+        records: dict[str, list[dict[str, Any]]] = {}
+        report = calibrate(run.peft, run.tok, run.labels, calibration,
+                           {k: v[:limit] if limit else v for k, v in run.dev.items()},
+                           batch_size=run.config.eval.batch_size, predictions=records)
+        for name, rows in records.items():
+            write_jsonl(run.run_dir / f"predictions-{name}.jsonl", rows)
+        run.model.train()
+    run.accelerator.wait_for_everyone()
+    return report
+
+
 def record_eval(run: Run, scores: dict[str, dict[str, Any]]) -> None:
     if not scores:
         return
@@ -315,20 +334,17 @@ def train(config: TrainConfig, out: Path, train_examples: list[Example], dev: di
         save_checkpoint(run)  # the weights are safe even if the final evaluation fails
     if cfg.keep_best:
         restore_best(run)
-    scores = evaluate_dev(run, config.eval.final_limit, final=True)
+    # With calibration data the offsets are fitted first and the dev sets scored with them, in one pass.
+    # (Every process takes the same branch: both wait for the others at the end.)
+    if calibration:
+        report = calibrate_dev(run, calibration)
+        scores = report["dev"] if report else {}
+    else:
+        report, scores = None, evaluate_dev(run, config.eval.final_limit, final=True)
     record_eval(run, scores)
     base_scores = (evaluate_dev(run, config.eval.final_limit, base=True, final=True)
                    if config.eval.base else {})
     if acc.is_main_process:
-        report = None
-        if calibration:
-            from training.calibrate import calibrate
-
-            limit = config.eval.final_limit
-            report = calibrate(run.peft, run.tok, labels, calibration,
-                               {k: v[:limit] if limit else v for k, v in dev.items()},
-                               batch_size=config.eval.batch_size)
-            scores = report["dev"]
         train_info = _train_info(run, len(train_examples), skipped, dtype, init)
         metrics = {"task": task, "primary": PRIMARY[task], "dev": scores, "base": base_scores, "train": train_info,
                    "history": {"loss": state.losses, "eval": state.evals}} | ({"calibration": report} if report else {})

@@ -83,6 +83,11 @@ def test_calibration_data_fits_offsets_at_the_end_of_training_and_again_on_deman
     # The fit never makes its own data worse, and the card's scores are the ones with offsets.
     assert report["fit"]["calib"]["macro_recall_after"] >= report["fit"]["calib"]["macro_recall_before"]
     assert metrics["dev"]["sst"] == report["dev"]["sst"]
+    # Dev is scored once, with the offsets: the run's predictions file is that pass, decided as the bot decides.
+    (written,) = tmp_path.rglob("predictions-sst.jsonl")
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [r["gold"] for r in rows] == ["positive", "negative"]
+    assert 100 * sum(r["correct"] for r in rows) / len(rows) == report["dev"]["sst"]["accuracy"]
     manifest = json.loads((out / "lorabot.json").read_text())
     assert manifest["dev_scores"]["sst"] == report["dev"]["sst"]["accuracy"]
     card = (out / "README.md").read_text()
