@@ -3,7 +3,7 @@
 Each recipe runs as ``python -m training train TASK --config recipes/NAME.toml --out adapters/NAME
 --resume`` from the repository root, so an interrupted run continues from its last checkpoint. An
 adapter whose recorded recipe equals the current one is skipped (``--force`` retrains it). A shipped
-adapter made in stages (STAGES: qa continues qa_second's weights, which continued qa_first's) trains its
+adapter made in stages (STAGES: qa continues qa_third's weights, which continued qa_second's, ...) trains its
 earlier stages first, into runs/adapters/.
 """
 
@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = ("sentiment", "ner", "qa", "story", "medical")
 # Recipes trained before a shipped one, because it continues from their weights (train.init_adapter).
 # Their adapters go to runs/adapters/NAME: they are a means, not shipped.
-STAGES = {"qa": ("qa_first", "qa_second", "qa"), "ner": ("ner_first", "ner")}
+STAGES = {"qa": ("qa_first", "qa_second", "qa_third", "qa"), "ner": ("ner_first", "ner")}
 
 
 def out_dir(recipe: str) -> Path:
