@@ -29,10 +29,11 @@ RECIPES = REPO / "training" / "recipes"
 FINGERPRINTS = {
     "ner": "d7da2369d0d2ac1ff7361985dc2b19ceed11c70e2d9972f6a4bbd4726b853cb8",   # stage 2 (2026-12-02)
     "ner_first": "1e5d4c74f595ffcb5145b2e8c5735d1c5725197bd231add96818f352047b84fd",
-    "qa": "acf034b409de71deb48fffeec361702e030aec8705d83c25d8d3ed411c726430",   # stage 4 (2026-12-03)
+    "qa": "928cd58d4481ae1e5c7fdb43d61e59837b014e654d279aaf0408776c8003d711",   # stage 5 (2026-12-03)
     "qa_first": "df7901d63e48175d41adc6a9ceb28535c5e2eaabf12d069c27af14ac53e80f10",
     "qa_second": "207dc221ec13858b42105d5986988306e2ef13cb4221a120ba4f146a10f9224d",
     "qa_third": "89ab0cab84353f82eef05d7cd139e8d79b03a8fb6ffd1d144668809f2b292114",
+    "qa_fourth": "acf034b409de71deb48fffeec361702e030aec8705d83c25d8d3ed411c726430",
     "sentiment": "2e812fb2e495fc6395e7d54e3e5772cc44a80c89cec79bf19201fc6d51cde985",
     "story": "dcd3b112cc59aaca2c47d8ca76dd233d548dde886531583b09af633dcac194c9",   # themes = true (2026-12-02)
 }

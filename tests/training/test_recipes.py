@@ -14,7 +14,7 @@ from training.recipes import make_all
 RECIPES = Path(make_all.__file__).parent
 
 
-@pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first", "qa_second", "qa_third", "ner_first"])
+@pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first", "qa_second", "qa_third", "qa_fourth", "ner_first"])
 def test_recipe_resolves(name: str) -> None:
     config = load_config(RECIPES / f"{name}.toml")
     # An adapter is named after its task, except the domain one, named after its domain.
@@ -61,19 +61,22 @@ def test_make_all_dry_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytes
 def test_make_all_trains_qa_in_stages(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(Path.cwd())
     assert make_all.main(["--dry-run", "--force", "qa"]) == 0
-    first, second, third, fourth = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    first, second, third, fourth, fifth = commands
     assert "train qa --config" in first and "qa_first.toml --out runs/adapters/qa_first" in first
     assert "qa_second.toml --out runs/adapters/qa_second" in second
     assert "qa_third.toml --out runs/adapters/qa_third" in third
-    assert "qa.toml --out adapters/qa" in fourth
+    assert "qa_fourth.toml --out runs/adapters/qa_fourth" in fourth
+    assert "qa.toml --out adapters/qa" in fifth
     # Each stage starts from the one before; stage 2 trains exactly the questions stage 1 left out.
     stages = [load_config(RECIPES / f"{name}.toml") for name in make_all.STAGES["qa"]]
-    stage1, stage2, stage3, stage4 = stages
+    stage1, stage2, stage3, stage4, stage5 = stages
     assert stage2.train.init_adapter == "runs/adapters/qa_first"
     assert stage3.train.init_adapter == "runs/adapters/qa_second"
     assert stage4.train.init_adapter == "runs/adapters/qa_third"
+    assert stage5.train.init_adapter == "runs/adapters/qa_fourth"
     assert stage2.data.train[0].skip == stage1.data.train[0].limit
     assert stage1.seed == stage2.seed
     # Later passes draw their questions afresh; every stage has the same LoRA shape and the same holdout.
-    assert len({s.seed for s in stages[1:]}) == 3
+    assert len({s.seed for s in stages[1:]}) == 4
     assert all(s.lora == stage1.lora and s.data.dev == stage1.data.dev for s in stages)
