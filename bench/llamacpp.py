@@ -201,19 +201,25 @@ async def lorabot_child(work: dict[str, Any], dtype: str, spawned_at: float, int
 
 
 def _engine_facts(engine: Any) -> dict[str, Any]:
-    """What the engine runs with: backend, dtype, CPU kernel, quantised weights (as ``lorabot doctor`` says)."""
-    import torch
-
+    """What the engine runs with: backend, dtype, CPU kernel, quantised weights (as ``lorabot doctor`` says).
+    Imports torch only where the engine did (the torch-free engine's memory and start are measured)."""
     from bot.engine import kernels
 
     fast = getattr(engine._backend, "fast", None)
-    facts: dict[str, Any] = {"backend": engine.backend, "torch_threads": torch.get_num_threads(),
-                             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    torch_free = bool(getattr(engine._backend, "torch_free", False))
+    facts: dict[str, Any] = {"backend": engine.backend, "torch_free": torch_free}
+    if torch_free:
+        facts |= {"threads": fast.threads, "dtype": "float32"}
+    else:
+        import torch
+
+        facts |= {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        if fast is not None:
+            facts["dtype"] = str(fast.dtype).removeprefix("torch.")
     if fast is not None:
         quant = any(isinstance(w, kernels.QuantWeight) for w in fast.layers[0].wqkv)
-        dtype = str(fast.dtype).removeprefix("torch.")
-        facts |= {"dtype": dtype, "kernel": fast.kernel is not None,
-                  "weights": "GGUF Q4_1 blocks (CPU kernel)" if quant else f"{dtype} tensors"}
+        facts |= {"kernel": fast.kernel is not None,
+                  "weights": "GGUF Q4_1 blocks (CPU kernel)" if quant else f"{facts['dtype']} tensors"}
     return facts
 
 

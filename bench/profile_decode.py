@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import linecache
+import os
 import statistics
 import sys
 import time
@@ -381,6 +382,8 @@ async def profile_dtype(config: Any, steps: int) -> dict[str, Any]:
     from bench.llamacpp import _engine_facts
     from bot.engine.scheduler import LocalEngine
 
+    # The profile counts PyTorch operations: the torch engine (FastLlama), not the torch-free one.
+    os.environ["LORABOT_TORCH_ENGINE"] = "1"
     engine = await asyncio.to_thread(LocalEngine.from_config, config, progress=False)
     try:
         fast = getattr(engine._backend, "fast", None)
@@ -409,7 +412,7 @@ async def profile_dtype(config: Any, steps: int) -> dict[str, Any]:
 def render(dtype: str, result: dict[str, Any]) -> list[str]:
     facts = result["engine"]
     lines = [f"\n== {dtype}: {facts.get('backend')} backend, kernel {'on' if facts.get('kernel') else 'off'}, "
-             f"{facts.get('weights')}, {facts.get('torch_threads')} thread(s)"]
+             f"{facts.get('weights')}, {facts.get('threads')} thread(s)"]
     for name, c in result["cases"].items():
         e = c["engine_step"]
         lines.append(f"{name}: backend step {c['step_ms']} ms ({c['ms_per_token']} ms/token), {c['ops_per_step']} ops "

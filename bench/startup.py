@@ -109,7 +109,8 @@ async def child(backend: str, adapters_dir: Path, threads: int) -> None:
         config = replace(Config(), store={"path": str(Path(tmp) / "bot.db")}, adapters={"dir": str(adapters_dir)},
                          model={"threads": torch_threads}, access={"rate_limit_per_minute": 0},
                          engine={"backend": backend})
-        # As `lorabot run` does: the fast backend loads the folder without transformers (bot/engine/light_model.py).
+        # As `lorabot run` does: the fast backend loads the folder without transformers (bot/engine/light_model.py),
+        # and without torch where the torch-free engine can run it (bot/engine/native_llama.py).
         engine = LocalEngine.from_config(config, progress=False)
         marks["engine_loaded"] = time.time()
         async with open_app(config, engine=engine) as app:
@@ -121,6 +122,7 @@ async def child(backend: str, adapters_dir: Path, threads: int) -> None:
             adapters = sorted(engine.adapters)
     print(json.dumps({"backend": backend, "replied_at": replied, "rss_mb": round(rss, 1), "adapters": adapters,
                       "threads": torch_threads, "transformers_imported": "transformers" in sys.modules,
+                      "torch_imported": "torch" in sys.modules,
                       "phases_s": {
                           "imports": round(marks["imports"] - marks["spawned_to_main"], 2),
                           "engine_load": round(marks["engine_loaded"] - marks["imports"], 2),

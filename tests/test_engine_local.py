@@ -260,34 +260,54 @@ def test_fast_backend_refuses_what_it_cannot_run(tiny_base, tiny_adapters, tmp_p
 
 
 def test_top_p_keeps_exactly_what_a_full_sort_keeps():
-    import torch
+    import numpy as np
 
-    from bot.engine.sampling import top_p_candidates
+    from bot.engine.sampling import softmax, top_p_candidates
 
     for seed, scale, top_p in [(0, 0.3, 0.95), (1, 3.0, 0.9), (2, 10.0, 0.5), (3, 1.0, 0.999), (4, 30.0, 0.1)]:
-        torch.manual_seed(seed)
-        probs = torch.softmax(torch.randn(5000) * scale, -1)
-        ordered, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(ordered, -1) - ordered < top_p
+        probs = softmax(np.random.default_rng(seed).standard_normal(5000) * scale)
+        order = np.argsort(-probs, kind="stable")
+        ordered = probs[order]
+        keep = np.cumsum(ordered) - ordered < top_p
         ids, kept = top_p_candidates(probs, top_p)
-        assert torch.equal(ids, order[keep]) and torch.equal(kept, ordered[keep])
+        assert np.array_equal(ids, order[keep]) and np.array_equal(kept, ordered[keep])
+    # Ties (a flat distribution: the cut-off is past the first candidates) are kept in id order.
+    ids, _ = top_p_candidates(np.full(1024, 1 / 1024), 0.5)   # powers of two: the sums are exact
+    assert np.array_equal(ids, np.arange(512))
 
 
 def test_sampling_among_top_p_candidates_has_the_filtered_distribution():
-    import torch
+    import numpy as np
 
-    from bot.engine.sampling import choose_next_tokens, top_p_filter
+    from bot.engine.sampling import choose_next_tokens, softmax, top_p_filter
 
-    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -5.0]])
+    logits = np.array([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -5.0]], dtype=np.float32)
     params = SamplingParams(temperature=0.9, top_p=0.8)
-    expected = top_p_filter(torch.softmax(logits[0] / 0.9, -1), 0.8)
+    expected = top_p_filter(softmax(logits[0] / 0.9), 0.8)
     expected = expected / expected.sum()
-    gen = torch.Generator().manual_seed(0)
+    gen = np.random.default_rng(0)
     n = 20000
-    counts = torch.bincount(torch.tensor([choose_next_tokens(logits, [params], [[]], [gen])[0] for _ in range(n)]),
-                            minlength=8).double() / n
+    counts = np.bincount([choose_next_tokens(logits, [params], [[]], [gen])[0] for _ in range(n)], minlength=8) / n
     assert (counts[expected == 0] == 0).all()
-    assert torch.allclose(counts, expected.double(), atol=0.015)
+    assert np.allclose(counts, expected, atol=0.015)
+
+
+def test_sampling_is_reproducible_and_refuses_a_nan_temperature():
+    import numpy as np
+
+    from bot.engine.sampling import choose_next_tokens
+
+    logits = np.random.default_rng(1).standard_normal((2, 50)).astype(np.float32)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.3), SamplingParams(temperature=0.7)]
+    seen = [[3, 4, 5], [6]]
+
+    def draws(seed: int) -> list[list[int]]:
+        gens = [np.random.default_rng(seed), np.random.default_rng(seed + 1)]
+        return [choose_next_tokens(logits, params, seen, gens) for _ in range(20)]
+
+    assert draws(7) == draws(7) != draws(8)
+    with pytest.raises(ValueError, match="temperature nan"):
+        choose_next_tokens(logits[:1], [SamplingParams(temperature=float("nan"))], [[]], [np.random.default_rng(0)])
 
 
 # --------------------------------------------------------------------------- the small-batch CPU kernel

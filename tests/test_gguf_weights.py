@@ -97,7 +97,7 @@ def test_every_bundled_linear_weight_is_the_converted_copy_bit_for_bit(bundled: 
     assert len(found) == 7 * dense.config.num_hidden_layers + 1  # + the Q8_0 embeddings (tied output layer)
     assert isinstance(found["model.embed_tokens.weight"], Q80Weight)
     for name, weight in found.items():
-        assert torch.equal(weight.dequantize(), dense.weights[name]), name
+        assert torch.equal(torch.from_numpy(weight.dequantize()), dense.weights[name]), name
 
 
 def test_the_quantised_engine_answers_exactly_like_the_float_one(bundled: tuple) -> None:

@@ -5,6 +5,10 @@ cancellation and fault isolation. A backend owns the model: it turns token ids i
 whose rows may each use a different adapter, and keeps the running batch's key/value state in a type of
 its own. Everything is called from the scheduler's one worker thread, so a backend needs no locks.
 
+Logits come back as an array [n, V]: a numpy array, or a torch tensor (on any device, any float dtype)
+that the scheduler converts to numpy (``bot.engine.token_scores.as_array``); the scheduler never
+imports torch. A backend that runs torch turns autograd off itself (``torch.inference_mode``).
+
 Contract for failure: when ``prefill`` raises, the batch it was given is unchanged (the scheduler then
 retries the requests one by one, so one bad request fails alone).
 """
@@ -45,7 +49,7 @@ class Backend(ABC):
     @abstractmethod
     def score(self, prompts: Sequence[list[int]], adapters: Sequence[str | None],
               token_ids: Sequence[int]) -> Any:
-        """Logits of ``token_ids`` right after each prompt: a tensor [len(prompts), len(token_ids)]."""
+        """Logits of ``token_ids`` right after each prompt: an array [len(prompts), len(token_ids)]."""
 
     @abstractmethod
     def new_batch(self, max_rows: int, max_tokens: int = 0) -> BatchState:
@@ -54,12 +58,13 @@ class Backend(ABC):
 
     @abstractmethod
     def prefill(self, batch: BatchState, prompts: Sequence[list[int]], adapters: Sequence[str | None]) -> Any:
-        """Append the prompts as new rows at the end of ``batch``; logits at each one's last position [n, V]."""
+        """Append the prompts as new rows at the end of ``batch``; logits at each one's last position: an
+        array [n, V]."""
 
     @abstractmethod
     def decode(self, batch: BatchState, tokens: Sequence[int], positions: Sequence[int],
                adapters: Sequence[str | None]) -> Any:
-        """One step: token i (at position id ``positions[i]``) goes to row i; logits [rows, V]."""
+        """One step: token i (at position id ``positions[i]``) goes to row i; logits: an array [rows, V]."""
 
     @abstractmethod
     def retire(self, batch: BatchState, keep: list[int]) -> list[int]:

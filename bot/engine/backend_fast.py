@@ -1,4 +1,5 @@
-"""The fast backend: ``FastLlama`` (batched multi-adapter LoRA, slot KV cache, CPU kernels).
+"""The fast backend: ``FastLlama`` (batched multi-adapter LoRA, slot KV cache, CPU kernels) or its
+torch-free twin ``NativeLlama`` (the same native step on numpy arrays), which share this interface.
 
 The default for Llama-shaped models; greedy outputs equal the PEFT backend's token for token.
 """
@@ -9,11 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from bot.adapters import AdapterInfo
 from bot.engine.backend import Backend, BatchState
-from bot.engine.fast_llama import Columns, FastLlama, SlotCache
+from bot.engine.lora_stacks import Columns
+from bot.engine.slot_cache import SlotCache
 
 
 @dataclass
@@ -24,19 +24,25 @@ class FastBatch(BatchState):
 class FastBackend(Backend):
     name = "fast"
 
-    def __init__(self, fast: FastLlama):
+    def __init__(self, fast: Any):
+        """``fast``: a ``FastLlama`` or a ``NativeLlama``."""
         self.fast = fast
         self.config = fast.config
+        self.torch_free = type(fast).__name__ == "NativeLlama"
 
     @classmethod
-    def from_weights(cls, config: Any, weights: dict[str, torch.Tensor], *, max_context: int,
+    def from_weights(cls, config: Any, weights: dict[str, Any], *, max_context: int,
                      cpu_kernel: bool, int8_activations: bool = False) -> FastBackend:
+        from bot.engine.fast_llama import FastLlama
+
         return cls(FastLlama(config, weights, max_context=max_context, cpu_kernel=cpu_kernel,
                              int8_activations=int8_activations))
 
     @classmethod
     def from_model(cls, model: Any, *, max_context: int, cpu_kernel: bool,
                    int8_activations: bool = False) -> FastBackend:
+        from bot.engine.fast_llama import FastLlama
+
         return cls(FastLlama.from_model(model, max_context=max_context, cpu_kernel=cpu_kernel,
                                         int8_activations=int8_activations))
 
@@ -50,7 +56,7 @@ class FastBackend(Backend):
         return self.fast.adapter_bytes(name)
 
     def score(self, prompts: Sequence[list[int]], adapters: Sequence[str | None],
-              token_ids: Sequence[int]) -> torch.Tensor:
+              token_ids: Sequence[int]) -> Any:
         # Only these vocabulary columns are computed, not the whole head.
         return self.fast.prefill(list(prompts), list(adapters), Columns(list(token_ids)))
 
@@ -58,7 +64,7 @@ class FastBackend(Backend):
         return FastBatch(self.fast.new_cache(max_rows, max_tokens))
 
     def prefill(self, batch: BatchState, prompts: Sequence[list[int]],
-                adapters: Sequence[str | None]) -> torch.Tensor:
+                adapters: Sequence[str | None]) -> Any:
         assert isinstance(batch, FastBatch)
         # The new rows' keys/values go straight into free slots; they join the batch only on success.
         reservation = batch.slots.reserve(len(prompts), max(len(p) for p in prompts))
@@ -67,7 +73,7 @@ class FastBackend(Backend):
         return logits
 
     def decode(self, batch: BatchState, tokens: Sequence[int], positions: Sequence[int],
-               adapters: Sequence[str | None]) -> torch.Tensor:
+               adapters: Sequence[str | None]) -> Any:
         assert isinstance(batch, FastBatch)
         return self.fast.decode(batch.slots, list(tokens), list(adapters))
 

@@ -3,6 +3,8 @@
 Slower than the fast backend (PEFT runs one small forward per adapter present in the batch, in every
 layer), but it runs any causal LM transformers can load, and the fast backend is checked against it
 token for token. The running batch is left-padded: a transformers ``DynamicCache`` and its mask.
+Everything that touches the model or its cache runs under ``torch.inference_mode``: the scheduler
+knows nothing of torch, so no one else turns autograd off.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class PeftBackend(Backend):
         )
         return out.logits[:, -1, :], mask
 
+    @torch.inference_mode()
     def score(self, prompts: Sequence[list[int]], adapters: Sequence[str | None],
               token_ids: Sequence[int]) -> torch.Tensor:
         logits, _ = self._forward_last(prompts, adapters)
@@ -91,6 +94,7 @@ class PeftBackend(Backend):
         # keeps that within max_tokens.
         return PeftBatch()
 
+    @torch.inference_mode()
     def prefill(self, batch: BatchState, prompts: Sequence[list[int]],
                 adapters: Sequence[str | None]) -> torch.Tensor:
         assert isinstance(batch, PeftBatch)
@@ -127,6 +131,7 @@ class PeftBackend(Backend):
             [pad(batch.mask, width - batch.mask.shape[1], 1), pad(mask, width - mask.shape[1], 1)], dim=0,
         )
 
+    @torch.inference_mode()
     def decode(self, batch: BatchState, tokens: Sequence[int], positions: Sequence[int],
                adapters: Sequence[str | None]) -> torch.Tensor:
         assert isinstance(batch, PeftBatch) and batch.mask is not None
@@ -139,6 +144,7 @@ class PeftBackend(Backend):
             use_cache=True, **self._adapter_kwargs(adapters),
         ).logits[:, -1, :]
 
+    @torch.inference_mode()
     def retire(self, batch: BatchState, keep: list[int]) -> list[int]:
         assert isinstance(batch, PeftBatch) and batch.mask is not None
         index = torch.tensor(keep, device=self.device)

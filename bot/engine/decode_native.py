@@ -5,6 +5,8 @@ blocks, the norms, the RoPE tables) and, per step, which LoRA rows each row uses
 layer with its threads forked once. ``why_not`` says when a model cannot take this path; the Python
 layers (``FastLlama._run_layers``) are then used, with the same results up to summation order. A short
 prefill is the same call with one row per prompt token (``FastLlama._native_prefill``).
+It takes torch tensors (``FastLlama``) or numpy arrays (``bot.engine.native_llama``, which runs without
+torch) alike: only addresses, strides, shapes and dtypes are read.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-import torch
+import numpy as np
 
 from bot.engine import kernels
+from bot.engine.kernels import address
 
 c_int, c_long, c_float, c_void_p = ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_void_p
 KIND = {kernels.Q41Weight: 1, kernels.Q80Weight: 2}
@@ -41,16 +44,31 @@ class Lora(ctypes.Structure):
                 ("b_layer", c_long), ("mult", c_void_p), ("ldm", c_long), ("r", c_long)]
 
 
+def _strides(a: Any) -> tuple[int, ...]:
+    """Strides in elements of a numpy array or a torch tensor."""
+    return tuple(x // a.itemsize for x in a.strides) if isinstance(a, np.ndarray) else tuple(a.stride())
+
+
+def _f32_cpu(a: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        return a.dtype == np.float32
+    return str(a.dtype) == "torch.float32" and a.device.type == "cpu"
+
+
+def _contiguous(a: Any) -> bool:
+    return a.flags.c_contiguous if isinstance(a, np.ndarray) else a.is_contiguous()
+
+
 def _mat(w: Any, rows: int, cols: int) -> Mat | str:
     if isinstance(w, kernels.QuantWeight):
         if w.shape != (rows, cols):
             return f"a weight of shape {w.shape} where {(rows, cols)} was expected"
-        return Mat(KIND[type(w)], w.blocks.data_ptr(), w.blocks.stride(0), rows, cols)
-    if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or w.device.type != "cpu":
+        return Mat(KIND[type(w)], w.address, w.row_bytes, rows, cols)
+    if not _f32_cpu(w):
         return "weights that are not float32 on the CPU"
-    if tuple(w.shape) != (rows, cols) or w.stride(1) != 1 or cols % 8:
-        return f"a weight of shape {tuple(w.shape)} (strides {w.stride()}) the kernel cannot stream"
-    return Mat(0, w.data_ptr(), w.stride(0), rows, cols)
+    if tuple(w.shape) != (rows, cols) or _strides(w)[1] != 1 or cols % 8:
+        return f"a weight of shape {tuple(w.shape)} (strides {_strides(w)}) the kernel cannot stream"
+    return Mat(0, address(w), _strides(w)[0], rows, cols)
 
 
 class NativeDecode:
@@ -62,31 +80,32 @@ class NativeDecode:
 
     def _describe(self) -> str:
         f = self.fast
-        if f.device.type != "cpu" or f.dtype != torch.float32:
-            return f"the model runs in {f.dtype} on {f.device.type}, the native step needs float32 on the CPU"
+        if not _f32_cpu(f.norm):
+            return (f"the model runs in {f.norm.dtype} on {getattr(f.norm, 'device', 'cpu')}, the native step "
+                    "needs float32 on the CPU")
         if f.hidden % 8 or f.q_dim % 8 or f.inter % 8:
             return "the model's dimensions are not multiples of 8"
         D, qd, kvd, inter = f.hidden, f.q_dim, f.kv_dim, f.inter
         layers = (Layer * f.n_layers)()
         for i, lw in enumerate(f.layers):
             for norm in (lw.ln1, lw.ln2):
-                if norm.dtype != torch.float32 or not norm.is_contiguous():
+                if not _f32_cpu(norm) or not _contiguous(norm):
                     return "norm weights that are not contiguous float32"
             q, k, v = lw.wqkv
             shapes = {"q": (q, qd, D), "k": (k, kvd, D), "v": (v, kvd, D), "o": (lw.wo[0], D, qd),
                       "gate": (lw.wgu[0], inter, D), "up": (lw.wgu[1], inter, D), "down": (lw.wdown[0], D, inter)}
-            layers[i].ln1, layers[i].ln2 = lw.ln1.data_ptr(), lw.ln2.data_ptr()
+            layers[i].ln1, layers[i].ln2 = address(lw.ln1), address(lw.ln2)
             for name, (w, rows, cols) in shapes.items():
                 mat = _mat(w, rows, cols)
                 if isinstance(mat, str):
                     return f"layer {i} {name}_proj: {mat}"
                 setattr(layers[i], name, mat)
         for table in (f._cos, f._sin):
-            if not table.is_contiguous():
+            if not _contiguous(table):
                 return "RoPE tables that are not contiguous"
         self.layers = layers
         self.model = Model(f.n_layers, D, f.n_heads, f.n_kv, f.head_dim, inter, f.eps, f.scale, layers,
-                           f._cos.data_ptr(), f._sin.data_ptr())
+                           address(f._cos), address(f._sin))
         return ""
 
     def _lora(self, sel: Any) -> Any:
@@ -100,23 +119,24 @@ class NativeDecode:
             lo, hi, mult = s
             stack = self.fast._stacks[g]
             A, B = stack.A, stack.B
-            assert mult.is_contiguous() and mult.dtype == torch.float32
-            groups[j] = Lora(A.data_ptr() + lo * A.stride(1) * 4, A.stride(1), A.stride(0),
-                             B.data_ptr() + lo * 4, B.stride(1), B.stride(0),
-                             mult.data_ptr(), mult.shape[1] if mult.shape[0] > 1 else 0, hi - lo)
+            a_strides, b_strides = _strides(A), _strides(B)
+            assert _contiguous(mult) and _f32_cpu(mult)
+            groups[j] = Lora(address(A) + lo * a_strides[1] * 4, a_strides[1], a_strides[0],
+                             address(B) + lo * 4, b_strides[1], b_strides[0],
+                             address(mult), mult.shape[1] if mult.shape[0] > 1 else 0, hi - lo)
         return groups
 
-    def step(self, x: torch.Tensor, lens: list[int], kv: torch.Tensor, sel: Any, threads: int, *,
+    def step(self, x: Any, lens: list[int], kv: Any, sel: Any, threads: int, *,
              slots: list[int] | None = None, one_layer: bool = False, int8: bool | None = None) -> None:
         """Run every layer on ``x`` [n, hidden] in place (the rows' embeddings in, their last hidden
         states out); row i's new keys/values go to column ``lens[i]`` of its slot of ``kv`` (a contiguous
         SlotCache block): slot ``slots[i]``, by default slot i. ``one_layer``: ``kv`` is one layer's block,
         reused by every layer (keys/values not kept). ``int8``: override the model's int8 setting."""
         n = x.shape[0]
-        assert x.is_contiguous() and x.dtype == torch.float32 and kv.is_contiguous() and len(lens) == n
+        assert _contiguous(x) and _f32_cpu(x) and _contiguous(kv) and len(lens) == n
         assert slots is None or (len(slots) == n and min(slots) >= 0 and max(slots) < kv.shape[1])
         assert max(lens) < kv.shape[4]
         lora = self._lora(sel)
-        self.lib.lb_decode_step(ctypes.byref(self.model), lora, n, x.data_ptr(), (c_long * n)(*lens),
-                                None if slots is None else (c_long * n)(*slots), kv.data_ptr(), kv.shape[1],
+        self.lib.lb_decode_step(ctypes.byref(self.model), lora, n, address(x), (c_long * n)(*lens),
+                                None if slots is None else (c_long * n)(*slots), address(kv), kv.shape[1],
                                 kv.shape[4], int(one_layer), threads, int(self.int8 if int8 is None else int8))

@@ -27,11 +27,7 @@ Greedy outputs equal those of transformers + PEFT (tests/test_engine_local.py ch
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +36,13 @@ import torch.nn.functional as F
 
 from bot.engine import kernels
 from bot.engine.decode_native import NativeDecode
+from bot.engine.light_model import unsupported_config
+from bot.engine.lora_stacks import GROUPS, MODULE_GROUP, Columns, Layer, LoraStacks, Selection
+from bot.engine.slot_cache import Reservation, SlotCache
 from bot.engine.weights import read_safetensors
 
-GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gu": ("gate_proj", "up_proj"), "down": ("down_proj",),
-}
-MODULE_GROUP = {m: g for g, ms in GROUPS.items() for m in ms}
-_KEY = re.compile(
-    r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+_proj)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
-)
-
+__all__ = ["GROUPS", "MODULE_GROUP", "Columns", "FastLlama", "Reservation", "SlotCache", "unsupported",
+           "unsupported_config"]
 
 def unsupported(model: Any) -> str | None:
     """Why ``model`` (a transformers model) cannot run on this path (None when it can)."""
@@ -57,21 +50,6 @@ def unsupported(model: Any) -> str | None:
     if type(model).__name__ != "LlamaForCausalLM" or cfg is None:
         return f"{type(model).__name__} is not a plain LlamaForCausalLM"
     return unsupported_config(cfg)
-
-
-def unsupported_config(cfg: Any) -> str | None:
-    """Why a Llama config (transformers' or ``bot.engine.light_model``'s) cannot run on this path."""
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        return "the model has projection biases"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act!r} is not silu"
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        return f"RoPE type {kind!r} is not supported"
-    if getattr(cfg, "pretraining_tp", 1) != 1:
-        return "pretraining_tp != 1"
-    return None
 
 
 def rope_inv_freq(cfg: Any) -> torch.Tensor:
@@ -82,171 +60,7 @@ def rope_inv_freq(cfg: Any) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
 
 
-@dataclass
-class _Layer:
-    ln1: torch.Tensor
-    ln2: torch.Tensor
-    wqkv: tuple[torch.Tensor, ...]   # q, k, v (projection group "qkv")
-    wo: tuple[torch.Tensor, ...]
-    wgu: tuple[torch.Tensor, ...]    # gate, up
-    wdown: tuple[torch.Tensor, ...]
-
-
-@dataclass
-class _Adapter:
-    name: str
-    ranges: dict[str, tuple[int, int]]       # group -> [lo, hi) rows in that group's stacks
-    scaling: dict[str, list[float]]          # group -> one scaling per stacked row (per module)
-    nbytes: int = 0
-
-
-@dataclass
-class _Stack:
-    """One projection group's LoRA weights for all layers: A [L, cap, in] and B transposed, [L, out, cap]
-    (both keep the reduction dimension contiguous, the layout the small-batch kernel streams)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: torch.Tensor        # [cap] scaling of each stacked row
-    used: int = 0
-
-
-class _Sel:
-    """Which LoRA rows each token row uses, per group: None, or (lo, hi, multiplier [1 or N, hi-lo])."""
-
-    def __init__(self, groups: dict[str, tuple[int, int, torch.Tensor] | None], mixed: bool):
-        self.groups = groups
-        self.mixed = mixed
-
-    def rows(self, index: torch.Tensor) -> _Sel:
-        if not self.mixed:
-            return self
-        return _Sel({g: None if s is None else (s[0], s[1], s[2][index]) for g, s in self.groups.items()}, True)
-
-    def per_token(self, lengths: torch.Tensor) -> _Sel:
-        """Row i's selection repeated for each of its ``lengths[i]`` tokens (packed prompts)."""
-        if not self.mixed:
-            return self
-        return _Sel({g: None if s is None else (s[0], s[1], s[2].repeat_interleave(lengths, 0))
-                     for g, s in self.groups.items()}, True)
-
-
-@dataclass
-class Columns:
-    """Ask a prefill for the logits of these vocabulary ids only (classification)."""
-
-    ids: list[int]
-
-
-@dataclass
-class Reservation:
-    """Slots [start, start + rows) of a SlotCache that a prefill writes into; committed once it succeeds."""
-
-    cache: SlotCache
-    start: int
-    rows: int
-    width: int
-    lengths: list[int] = field(default_factory=list)
-
-
-class SlotCache:
-    """Keys/values of the running batch: ``kv[layer, row, k|v, kv_head, column, head_dim]``.
-
-    Row ``i`` holds its tokens in columns ``0 .. lens[i] - 1``; rows ``0 .. n - 1`` are in use. Columns
-    past a row's length may hold stale (finite) values: attention masks them, and ``written`` tracks how
-    far each slot was written so that stale values from an earlier occupant are cleared on reuse.
-    The block is sized from what the live rows need, not grown from the largest shape it ever had; with
-    ``max_tokens`` it is never allocated larger than that (rows x columns).
-    """
-
-    def __init__(self, fast: FastLlama, max_rows: int, max_len: int, max_tokens: int = 0):
-        self.fast = fast
-        self.max_rows = max_rows
-        self.max_len = max_len
-        self.max_tokens = max_tokens
-        self.kv: torch.Tensor | None = None
-        self.n = 0
-        self.lens: list[int] = []
-        self.written: list[int] = []
-
-    @property
-    def capacity(self) -> tuple[int, int]:
-        return (0, 0) if self.kv is None else (self.kv.shape[1], self.kv.shape[4])
-
-    @torch.inference_mode()
-    def _ensure(self, rows: int, cols: int) -> None:
-        cap_rows, cap_cols = self.capacity
-        if rows <= cap_rows and cols <= cap_cols:
-            return
-        f = self.fast
-        width = max(self.written[: self.n], default=0)
-        # Sized from the live rows' needs, so a long row that has left does not keep every row wide.
-        need_cols = max(cols, width)
-        new_cols = max(need_cols, min(self.max_len, -(-need_cols // 128) * 128))
-        new_rows = max(rows, min(max(self.max_rows, rows), max(4, 2 * cap_rows)))
-        if self.max_tokens and new_rows * new_cols > self.max_tokens:
-            new_rows = max(rows, self.max_tokens // new_cols)
-            if new_rows * new_cols > self.max_tokens:
-                new_cols = max(need_cols, self.max_tokens // new_rows)
-        kv = torch.zeros((f.n_layers, new_rows, 2, f.n_kv, new_cols, f.head_dim), dtype=f.dtype, device=f.device)
-        if self.kv is not None and self.n:
-            kv[:, : self.n, :, :, :width] = self.kv[:, : self.n, :, :, :width]
-        self.kv = kv
-        self.written = self.written[: self.n] + [0] * (new_rows - self.n)
-
-    @torch.inference_mode()
-    def reserve(self, rows: int, width: int) -> Reservation:
-        self._ensure(self.n + rows, width)
-        assert self.kv is not None
-        for s in range(self.n, self.n + rows):
-            if self.written[s] > width:
-                self.kv[:, s, :, :, width:self.written[s]].zero_()
-            self.written[s] = width
-        return Reservation(self, self.n, rows, width)
-
-    def commit(self, res: Reservation) -> None:
-        if res.start != self.n:
-            raise RuntimeError("reservations must be committed in order")
-        self.lens += res.lengths
-        self.n += res.rows
-
-    @torch.inference_mode()
-    def retire(self, keep: list[int]) -> list[int]:
-        """Keep rows ``keep`` (in that order of preference); returns the new order as old indices."""
-        n_new = len(keep)
-        kept = set(keep)
-        order: list[int] = [i for i in range(n_new)]
-        holes = [i for i in range(n_new) if i not in kept]
-        movers = [i for i in keep if i >= n_new]
-        assert self.kv is not None or not holes
-        for hole, mover in zip(holes, movers, strict=True):
-            assert self.kv is not None
-            w = self.written[mover]
-            self.kv[:, hole, :, :, :w] = self.kv[:, mover, :, :, :w]
-            if self.written[hole] > w:
-                self.kv[:, hole, :, :, w:self.written[hole]].zero_()
-            self.written[hole] = w
-            order[hole] = mover
-        self.lens = [self.lens[o] for o in order]
-        self.n = n_new
-        self._shrink_columns()
-        return order
-
-    @torch.inference_mode()
-    def _shrink_columns(self) -> None:
-        """Once the widest rows have left, give back the columns only they used (at least half the
-        block), so a finished long prompt does not keep its memory for ever."""
-        if self.kv is None or not self.n:
-            return
-        width = max(self.written[: self.n])
-        cols = -(-(width + 1) // 128) * 128   # room for the next step without growing again
-        if self.kv.shape[4] <= 2 * cols:
-            return
-        self.kv = self.kv[:, :, :, :, :cols].clone()
-        self.written = [min(w, cols) for w in self.written]
-
-
-class FastLlama:
+class FastLlama(LoraStacks):
     """A LlamaForCausalLM's weights prepared for batched multi-adapter inference (see module docstring)."""
 
     KERNEL_MAX_ROWS = 64  # above this many rows the bundled BLAS is as fast (measured)
@@ -300,9 +114,7 @@ class FastLlama:
         self._rope(rope_inv_freq(cfg) if inv_freq is None else inv_freq, attention_scaling)
         group_in = {"qkv": self.hidden, "o": self.q_dim, "gu": self.hidden, "down": self.inter}
         group_out = {"qkv": self.q_dim + 2 * self.kv_dim, "o": self.hidden, "gu": 2 * self.inter, "down": self.hidden}
-        self._stacks = {g: self._empty_stack(group_in[g], group_out[g]) for g in GROUPS}
-        self.adapters: dict[str, _Adapter] = {}
-        self._sel_cache: dict[tuple[str | None, ...], _Sel | None] = {}
+        self._init_stacks(group_in, group_out)
         use_kernel = cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32
         self.kernel = kernels.load() if use_kernel else None
         self.native: NativeDecode | None = None
@@ -324,11 +136,11 @@ class FastLlama:
 
     # ------------------------------------------------------------------ weights
     @staticmethod
-    def _weights(w: dict[str, torch.Tensor], prefix: str) -> _Layer:
+    def _weights(w: dict[str, torch.Tensor], prefix: str) -> Layer:
         # Not fused into one q/k/v matrix: a fused copy would add ~280 MB (the originals stay mapped),
         # and at these sizes the two extra matmul calls per group cost well under a millisecond.
         attn, mlp = prefix + "self_attn.", prefix + "mlp."
-        return _Layer(
+        return Layer(
             ln1=w[prefix + "input_layernorm.weight"], ln2=w[prefix + "post_attention_layernorm.weight"],
             wqkv=(w[attn + "q_proj.weight"], w[attn + "k_proj.weight"], w[attn + "v_proj.weight"]),
             wo=(w[attn + "o_proj.weight"],), wgu=(w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]),
@@ -348,146 +160,18 @@ class FastLlama:
         self._cos = cos
         self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
-    def _empty_stack(self, d_in: int, d_out: int) -> _Stack:
-        z = torch.zeros
-        return _Stack(A=z((self.n_layers, 0, d_in), dtype=self.dtype, device=self.device),
-                      B=z((self.n_layers, d_out, 0), dtype=self.dtype, device=self.device),
-                      scale=z((0,), dtype=self.dtype, device=self.device))
+    # ------------------------------------------------------------------ arrays for the adapter stacks
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    # ------------------------------------------------------------------ adapters
-    def add_adapter(self, name: str, path: Path) -> None:
-        """Load a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) and stack it."""
-        if name in self.adapters:
-            self.remove_adapter(name)
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
-            if config.get(key) == bad:
-                raise ValueError(f"{key} adapters are not supported by the fast engine (use backend='peft')")
-        if config.get("bias", "none") != "none" or config.get("rank_pattern") or config.get("alpha_pattern") or \
-                config.get("layers_to_transform") is not None:
-            raise ValueError("LoRA with bias, rank/alpha patterns or layers_to_transform is not supported by "
-                             "the fast engine (use backend='peft')")
-        r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        tensors = read_safetensors(path / "adapter_model.safetensors")
-        weights: dict[tuple[int, str, str], torch.Tensor] = {}
-        for key, value in tensors.items():
-            m = _KEY.search(key)
-            if m is None or m.group(2) not in MODULE_GROUP:
-                raise ValueError(f"tensor {key} is not a LoRA weight of a Llama projection")
-            weights[(int(m.group(1)), m.group(2), m.group(3))] = value
-        modules = sorted({k[1] for k in weights}, key=list(MODULE_GROUP).index)
-        for layer in range(self.n_layers):
-            for mod in modules:
-                a, b = weights.get((layer, mod, "A")), weights.get((layer, mod, "B"))
-                if a is None or b is None:
-                    raise ValueError(f"layer {layer} {mod}: lora_A/lora_B missing (partial adapters are not "
-                                     "supported by the fast engine)")
-                rank = a.shape[0]
-                if a.shape != (rank, self.in_dims[mod]) or b.shape != (self.out_dims[mod][1] - self.out_dims[mod][0],
-                                                                       rank):
-                    raise ValueError(f"layer {layer} {mod}: LoRA shapes {tuple(a.shape)}/{tuple(b.shape)} do not "
-                                     "fit the base model")
-        if len(weights) != 2 * self.n_layers * len(modules):
-            raise ValueError("the adapter has LoRA weights for layers the base model does not have")
-        ranges: dict[str, tuple[int, int]] = {}
-        scales: dict[str, list[float]] = {}
-        nbytes = 0
-        for g, members in GROUPS.items():
-            present = [m for m in members if m in modules]
-            stack = self._stacks[g]
-            ranks = [weights[(0, m, "A")].shape[0] for m in present]
-            total = sum(ranks)
-            lo = stack.used
-            ranges[g], scales[g] = (lo, lo + total), [scaling] * total
-            if not total:
-                continue
-            self._grow(stack, lo + total)
-            row = lo
-            for m, rank in zip(present, ranks, strict=True):
-                # Copied straight from the file mapping into place. The B file layout [out, r] is already
-                # the stack's (transposed) one; the other modules' output rows in these columns stay zero.
-                out_lo, out_hi = self.out_dims[m]
-                for i in range(self.n_layers):
-                    stack.A[i, row:row + rank].copy_(weights[(i, m, "A")])
-                    stack.B[i, out_lo:out_hi, row:row + rank].copy_(weights[(i, m, "B")])
-                row += rank
-            stack.scale[lo:lo + total] = scaling
-            stack.used = lo + total
-            nbytes += self.n_layers * total * (stack.A.shape[2] + stack.B.shape[1]) * stack.A.element_size()
-        self.adapters[name] = _Adapter(name, ranges, scales, nbytes)
-        self._sel_cache.clear()
+    def _copy(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
 
-    def _grow(self, stack: _Stack, need: int) -> None:
-        cap = stack.A.shape[1]
-        if need <= cap:
-            return
-        new = max(need, 2 * cap)
-        A = torch.zeros((stack.A.shape[0], new, stack.A.shape[2]), dtype=self.dtype, device=self.device)
-        A[:, :stack.used] = stack.A[:, :stack.used]
-        B = torch.zeros((stack.B.shape[0], stack.B.shape[1], new), dtype=self.dtype, device=self.device)
-        B[:, :, :stack.used] = stack.B[:, :, :stack.used]
-        stack.A, stack.B = A, B
-        scale = torch.zeros((new,), dtype=stack.scale.dtype, device=stack.scale.device)
-        scale[:stack.used] = stack.scale[:stack.used]
-        stack.scale = scale
+    def _repeat_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return x.repeat_interleave(torch.tensor(counts, device=x.device), 0)
 
-    def remove_adapter(self, name: str) -> None:
-        gone = self.adapters.pop(name)
-        for g, (lo, hi) in gone.ranges.items():
-            width = hi - lo
-            if not width:
-                continue
-            stack = self._stacks[g]
-            tail, end = slice(hi, stack.used), stack.used - width
-            stack.A[:, lo:end] = stack.A[:, tail].clone()
-            stack.A[:, end:stack.used] = 0
-            stack.B[:, :, lo:end] = stack.B[:, :, tail].clone()
-            stack.B[:, :, end:stack.used] = 0
-            stack.scale[lo:stack.used - width] = stack.scale[tail].clone()
-            stack.used -= width
-            for other in self.adapters.values():
-                a, b = other.ranges[g]
-                if a >= hi:
-                    other.ranges[g] = (a - width, b - width)
-        self._sel_cache.clear()
-
-    def adapter_bytes(self, name: str) -> int:
-        return self.adapters[name].nbytes
-
-    # ------------------------------------------------------------------ row -> adapter selection
-    def _selection(self, adapters: list[str | None]) -> _Sel | None:
-        key = tuple(adapters)
-        if key not in self._sel_cache:
-            if len(self._sel_cache) > 16:
-                self._sel_cache.clear()
-            self._sel_cache[key] = self._build_selection(adapters)
-        return self._sel_cache[key]
-
-    def _build_selection(self, adapters: list[str | None]) -> _Sel | None:
-        present = sorted({a for a in adapters if a is not None})
-        if not present:
-            return None
-        groups: dict[str, tuple[int, int, torch.Tensor] | None] = {}
-        mixed = len(present) > 1 or None in adapters
-        for g in GROUPS:
-            spans = [self.adapters[a].ranges[g] for a in present if self.adapters[a].ranges[g][1] >
-                     self.adapters[a].ranges[g][0]]
-            if not spans:
-                groups[g] = None
-                continue
-            lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
-            scale = self._stacks[g].scale
-            if not mixed:
-                groups[g] = (lo, hi, scale[lo:hi].unsqueeze(0))
-                continue
-            mult = torch.zeros((len(adapters), hi - lo), dtype=self.dtype, device=self.device)
-            for i, a in enumerate(adapters):
-                if a is not None:
-                    a_lo, a_hi = self.adapters[a].ranges[g]
-                    mult[i, a_lo - lo:a_hi - lo] = scale[a_lo:a_hi]
-            groups[g] = (lo, hi, mult)
-        return _Sel(groups, bool(mixed))
+    def _read_lora_file(self, path: Path) -> dict[str, torch.Tensor]:
+        return read_safetensors(path)
 
     # ------------------------------------------------------------------ the forward pass
     def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -499,7 +183,7 @@ class FastLlama:
         return F.linear(x, w)
 
     def _proj(self, x: torch.Tensor, ws: tuple[torch.Tensor, ...], layer: int, group: str,
-              sel: _Sel | None) -> torch.Tensor:
+              sel: Selection | None) -> torch.Tensor:
         out = self._mm(x, ws[0]) if len(ws) == 1 else torch.cat([self._mm(x, w) for w in ws], dim=-1)
         if sel is None:
             return out
@@ -517,7 +201,7 @@ class FastLlama:
             out.addmm_(a, bt.t())
         return out
 
-    def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, sel: _Sel | None, attend: Any,
+    def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, sel: Selection | None, attend: Any,
                     last: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, D] -> hidden states after the last layer ([len(last), D] when ``last`` picks rows)."""
         cos = self._cos[positions].unsqueeze(1)
@@ -557,7 +241,9 @@ class FastLlama:
     @staticmethod
     def _rows(w: Any, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of a float matrix or of quantised blocks (embedding lookups, label columns)."""
-        return w.dequantize(ids) if isinstance(w, kernels.QuantWeight) else F.embedding(ids, w)
+        if isinstance(w, kernels.QuantWeight):
+            return torch.as_tensor(w.dequantize(ids.cpu().numpy()))
+        return F.embedding(ids, w)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], adapters: list[str | None],
@@ -569,7 +255,7 @@ class FastLlama:
         lengths = [len(p) for p in prompts]
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
         sel = self._selection(adapters)
-        sel = sel.per_token(torch.tensor(lengths, device=self.device)) if sel is not None else None
+        sel = sel.per_token(lengths) if sel is not None else None
         res = target if isinstance(target, Reservation) else None
         x = self._rows(self.embed, ids)
         last = torch.cumsum(torch.tensor(lengths, device=self.device), 0) - 1   # each prompt's last packed row
@@ -582,7 +268,7 @@ class FastLlama:
             res.lengths = lengths
         return self._logits(h, target if isinstance(target, Columns) else None)
 
-    def _python_prefill(self, x: torch.Tensor, lengths: list[int], sel: _Sel | None, res: Reservation | None,
+    def _python_prefill(self, x: torch.Tensor, lengths: list[int], sel: Selection | None, res: Reservation | None,
                         last: torch.Tensor) -> torch.Tensor:
         # The prompts are packed (no padding) through the linear layers, which cost nearly everything;
         # only attention sees them padded to the longest, [rows, width], where masks are simple.
@@ -620,7 +306,7 @@ class FastLlama:
 
         return self._run_layers(x, positions, sel, attend, last=last)
 
-    def _native_prefill(self, x: torch.Tensor, lengths: list[int], sel: _Sel | None,
+    def _native_prefill(self, x: torch.Tensor, lengths: list[int], sel: Selection | None,
                         res: Reservation | None) -> torch.Tensor:
         """The prompts' tokens as rows of one native step: a prompt's tokens share its slot at positions
         0, 1, ... (``lb_decode_step`` writes every row's key/value before any row attends, so attention is
@@ -678,3 +364,13 @@ class FastLlama:
 
     def new_cache(self, max_rows: int, max_tokens: int = 0) -> SlotCache:
         return SlotCache(self, max_rows, self.max_context, max_tokens)
+
+    # Plain tensors, not inference tensors: the cache is also written outside inference mode (retire).
+    def new_kv(self, rows: int, cols: int) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return torch.zeros((self.n_layers, rows, 2, self.n_kv, cols, self.head_dim), dtype=self.dtype,
+                               device=self.device)
+
+    def copy_kv(self, view: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return view.clone()

@@ -6,7 +6,7 @@ so the fast engine can keep the blocks themselves (0.625 and 1.06 bytes per weig
 expand them inside its matmul kernel with identical results. This module parses the GGUF header itself:
 the ``gguf`` package's reader also decodes the 49k-entry vocabulary and takes seconds, while the tensor
 table is all we need.
-Tensors stay views of one memory map of the file (nothing is copied except the q/k rows that
+Arrays (numpy, no torch) stay views of one memory map of the file (nothing is copied except the q/k rows that
 transformers' loader reorders).
 """
 
@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
 
 from bot.engine.kernels import Q41Weight, Q80Weight, QuantWeight
 
@@ -96,12 +98,10 @@ def read_tensor_table(path: Path) -> tuple[list[TensorInfo], int]:
     return infos, (start + alignment - 1) // alignment * alignment
 
 
-def _unpermute_rows(n_rows: int, n_heads: int) -> Any:
+def _unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
     """The row order transformers' GGUF loader gives q/k weights (llama.cpp interleaves RoPE halves)."""
-    import torch
-
     half = n_rows // n_heads // 2
-    return torch.arange(n_rows).view(n_heads, half, 2).transpose(1, 2).reshape(n_rows)
+    return np.arange(n_rows).reshape(n_heads, half, 2).transpose(0, 2, 1).reshape(n_rows)
 
 
 def transformers_name(gguf_name: str) -> str | None:
@@ -120,10 +120,10 @@ def transformers_name(gguf_name: str) -> str | None:
 def quantized_weights(path: Path, cfg: Any) -> dict[str, QuantWeight]:
     """The Q4_1 and Q8_0 matrices of a Llama GGUF (layers' linear weights, embeddings, output layer) by
     transformers' tensor name; other tensors are left out (the caller keeps their float copies)."""
-    from bot.engine.weights import map_file
+    from bot.engine.weights import map_array
 
     infos, data_start = read_tensor_table(path)
-    raw = map_file(path)
+    raw = map_array(path)
     out: dict[str, QuantWeight] = {}
     for info in infos:
         name, kind = transformers_name(info.name), BLOCK_TYPES.get(info.ggml_type)
@@ -134,9 +134,9 @@ def quantized_weights(path: Path, cfg: Any) -> dict[str, QuantWeight]:
         k, n = info.dims
         row_bytes = k // 32 * kind.BLOCK_BYTES
         begin = data_start + info.offset
-        if begin + n * row_bytes > raw.numel():
+        if begin + n * row_bytes > raw.size:
             raise GGUFError(f"{info.name}: the file is shorter than its tensor table says")
-        blocks = raw[begin:begin + n * row_bytes].view(n, row_bytes)
+        blocks = raw[begin:begin + n * row_bytes].reshape(n, row_bytes)
         if name.endswith("q_proj.weight"):
             blocks = blocks[_unpermute_rows(n, cfg.num_attention_heads)]
         elif name.endswith("k_proj.weight"):

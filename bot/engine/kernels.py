@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 SOURCE_PATH = Path(__file__).with_name("kernels.c")
@@ -58,16 +60,29 @@ def _compiler() -> tuple[str, str] | None:
     return path, (done.stdout.splitlines() or [""])[0].strip()
 
 
-def _build() -> tuple[Any, KernelStatus]:
+def _missing_cpu_features() -> str:
+    """Why this CPU cannot run the kernel ("" when it can): it needs AVX2, FMA and F16C. Read from
+    /proc/cpuinfo where there is one (no torch import), else from PyTorch's report."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("flags"):
+                missing = {"avx2", "fma", "f16c"} - set(line.split(":", 1)[-1].split())
+                return f"this CPU has no {', '.join(sorted(missing)).upper()}" if missing else ""
     import torch
 
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "" if capability in ("AVX2", "AVX512") else f"this CPU has no AVX2 (PyTorch reports {capability})"
+
+
+def _build() -> tuple[Any, KernelStatus]:
     from bot.engine.loading import cache_dir
 
     if os.environ.get("LORABOT_NO_KERNELS"):
         return None, KernelStatus(False, "turned off by LORABOT_NO_KERNELS")
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        return None, KernelStatus(False, f"this CPU has no AVX2 (PyTorch reports {capability})")
+    missing = _missing_cpu_features()
+    if missing:
+        return None, KernelStatus(False, missing)
     found = _compiler()
     if found is None:
         return None, KernelStatus(False, "no C compiler (cc or gcc) on PATH")
@@ -137,48 +152,87 @@ def usable(x: Any, w: Any) -> bool:
             and w.stride(1) == 1)
 
 
+def _output(x: Any, out: Any, m: int, n: int) -> Any:
+    """``out``, checked, or a new float32 [m, n] of the kind of ``x`` (numpy array or torch tensor)."""
+    if out is None:
+        if isinstance(x, np.ndarray):
+            out = np.empty((m, n), dtype=np.float32)
+        else:
+            import torch
+
+            out = torch.empty((m, n), dtype=torch.float32)
+    assert tuple(out.shape) == (m, n) and unit_columns(out) and str(out.dtype).endswith("float32")
+    return out
+
+
+def unit_columns(a: Any) -> bool:
+    return (a.strides[1] == a.itemsize) if isinstance(a, np.ndarray) else a.stride(1) == 1
+
+
 def linear(x: Any, w: Any, threads: int, out: Any = None) -> Any:
-    """``x @ w.T``, or ``out += x @ w.T`` (``out``: float32 [M, N] with unit column stride).
+    """``x @ w.T``, or ``out += x @ w.T`` (``out``: float32 [M, N] with unit column stride); numpy
+    arrays or torch tensors alike.
 
-    The caller checks ``usable(x, w)`` and that ``load()`` worked; rows of ``x``/``w`` may be strided.
+    The caller checks ``usable(x, w)`` (or the same of numpy arrays) and that ``load()`` worked; rows of
+    ``x``/``w`` may be strided.
     """
-    import torch
-
     m, k = x.shape
     n = w.shape[0]
-    add = out is not None
-    y = out if add else torch.empty((m, n), dtype=torch.float32)
-    assert y.shape == (m, n) and y.stride(1) == 1
-    _lib.lb_linear(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), y.data_ptr(), y.stride(0), m, n, k,
-                   int(add), threads)
+    y = _output(x, out, m, n)
+    _lib.lb_linear(address(x), row_stride(x), address(w), row_stride(w), address(y), row_stride(y), m, n, k,
+                   int(out is not None), threads)
     return y
 
 
+def address(a: Any) -> int:
+    """The data address of a numpy array or a torch tensor."""
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr()
+
+
+def row_stride(a: Any) -> int:
+    """Elements between two rows of a 2-D numpy array or torch tensor."""
+    return a.strides[0] // a.itemsize if isinstance(a, np.ndarray) else a.stride(0)
+
+
 class QuantWeight:
-    """A linear layer's weight [N, K] kept as GGUF blocks (uint8 [N, K / 32 * block bytes], rows contiguous);
-    the kernel expands them with results equal to the float weights'. Subclasses name the block type."""
+    """A linear layer's weight [N, K] kept as GGUF blocks (uint8 [N, K / 32 * block bytes], rows contiguous,
+    a numpy array or a torch tensor); the kernel expands them with results equal to the float weights'.
+    Subclasses name the block type."""
 
     BLOCK_BYTES = 0
     _linear = _dequant = ""
 
     def __init__(self, blocks: Any, in_features: int):
-        if in_features % 32 or blocks.dim() != 2 or blocks.shape[1] != in_features // 32 * self.BLOCK_BYTES:
+        if in_features % 32 or blocks.ndim != 2 or blocks.shape[1] != in_features // 32 * self.BLOCK_BYTES:
             raise ValueError(f"not {type(self).__name__} rows of {in_features} weights: {tuple(blocks.shape)}")
-        self.blocks = blocks.contiguous()
+        self.blocks = np.ascontiguousarray(blocks) if isinstance(blocks, np.ndarray) else blocks.contiguous()
         self.shape = (blocks.shape[0], in_features)
 
     @property
     def nbytes(self) -> int:
-        return self.blocks.numel()
+        return self.shape[0] * self.blocks.shape[1]
+
+    @property
+    def address(self) -> int:
+        return address(self.blocks)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.blocks.shape[1]
 
     def dequantize(self, rows: Any = None) -> Any:
-        """float32 [N, K], or only the given rows (an index tensor: embedding lookups)."""
-        import torch
+        """float32 [N, K], or only the given rows (indices: embedding lookups); a numpy array for numpy
+        blocks, a tensor for tensor blocks."""
+        blocks = self.blocks if rows is None else self.blocks[rows]
+        if isinstance(blocks, np.ndarray):
+            blocks = np.ascontiguousarray(blocks)
+            out: Any = np.empty((blocks.shape[0], self.shape[1]), dtype=np.float32)
+        else:
+            import torch
 
-        blocks = self.blocks if rows is None else self.blocks[rows].contiguous()
-        out = torch.empty((blocks.shape[0], self.shape[1]), dtype=torch.float32)
-        getattr(_lib, self._dequant)(blocks.data_ptr(), blocks.stride(0), blocks.shape[0], self.shape[1],
-                                     out.data_ptr())
+            blocks = blocks.contiguous()
+            out = torch.empty((blocks.shape[0], self.shape[1]), dtype=torch.float32)
+        getattr(_lib, self._dequant)(address(blocks), blocks.shape[1], blocks.shape[0], self.shape[1], address(out))
         return out
 
 
@@ -199,27 +253,21 @@ class Q80Weight(QuantWeight):
 def linear_quant(x: Any, w: QuantWeight, threads: int, out: Any = None) -> Any:
     """``linear`` with block-quantised weights (the same sums as ``linear`` on the dequantised weights).
     ``x``: float32 [M, K] with unit column stride; needs ``load()`` to have worked."""
-    import torch
-
     m, k = x.shape
     n = w.shape[0]
-    assert k == w.shape[1] and x.dtype == torch.float32 and x.stride(1) == 1
-    add = out is not None
-    y = out if add else torch.empty((m, n), dtype=torch.float32)
-    assert y.shape == (m, n) and y.stride(1) == 1
-    getattr(_lib, w._linear)(x.data_ptr(), x.stride(0), w.blocks.data_ptr(), w.blocks.stride(0), y.data_ptr(),
-                             y.stride(0), m, n, k, int(add), threads)
+    assert k == w.shape[1] and str(x.dtype).endswith("float32") and unit_columns(x)
+    y = _output(x, out, m, n)
+    getattr(_lib, w._linear)(address(x), row_stride(x), w.address, w.row_bytes, address(y), row_stride(y), m, n,
+                             k, int(out is not None), threads)
     return y
 
 
 def linear_quant_int8(x: Any, w: QuantWeight, threads: int) -> Any:
     """``x @ w.T`` with ``x`` rounded to int8 per block of 32 (approximate: ``engine.int8_activations``)."""
-    import torch
-
     m, k = x.shape
-    assert k == w.shape[1] and x.dtype == torch.float32 and x.stride(1) == 1
-    y = torch.empty((m, w.shape[0]), dtype=torch.float32)
+    assert k == w.shape[1] and str(x.dtype).endswith("float32") and unit_columns(x)
+    y = _output(x, None, m, w.shape[0])
     kind = 1 if isinstance(w, Q41Weight) else 2
-    _lib.lb_linear_i8(x.data_ptr(), x.stride(0), kind, w.blocks.data_ptr(), w.blocks.stride(0), y.data_ptr(),
-                      y.stride(0), m, w.shape[0], k, threads)
+    _lib.lb_linear_i8(address(x), row_stride(x), kind, w.address, w.row_bytes, address(y), row_stride(y), m,
+                      w.shape[0], k, threads)
     return y

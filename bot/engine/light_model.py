@@ -126,10 +126,23 @@ def read_config(folder: Path) -> SimpleNamespace:
     return SimpleNamespace(**_read_json(folder / "config.json"))
 
 
+def unsupported_config(cfg: Any) -> str | None:
+    """Why a Llama config (transformers' or ``bot.engine.light_model``'s) cannot run on this path."""
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "the model has projection biases"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} is not silu"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        return f"RoPE type {kind!r} is not supported"
+    if getattr(cfg, "pretraining_tp", 1) != 1:
+        return "pretraining_tp != 1"
+    return None
+
+
 def unsupported_folder(folder: Path) -> str | None:
     """Why ``folder`` must be loaded with transformers (None when this module loads it exactly)."""
-    from bot.engine.fast_llama import unsupported_config
-
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
         return "no config.json or tokenizer.json"
     cfg = read_config(folder)

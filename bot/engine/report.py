@@ -23,8 +23,7 @@ def _cpu_flags() -> list[str]:
 
 def _backend(config: Config, folder: Path) -> tuple[str, str]:
     """(backend, why) as ``LocalEngine.from_config`` would choose it."""
-    from bot.engine.fast_llama import unsupported_config
-    from bot.engine.light_model import read_config, unsupported_folder
+    from bot.engine.light_model import read_config, unsupported_config, unsupported_folder
 
     wanted = config.engine.backend
     if wanted == "peft":
@@ -35,7 +34,13 @@ def _backend(config: Config, folder: Path) -> tuple[str, str]:
         return "openai", f"the model runs on {config.engine.base_url or '(engine.base_url is empty)'}, {where}"
     light = unsupported_folder(folder)
     if light is None:
-        return "fast", "a Llama-shaped model: loaded without transformers, batched multi-adapter LoRA"
+        from bot.engine import kernels
+        from bot.engine.native_llama import config_reason
+
+        torch_free = config_reason(config) or (None if kernels.load() is not None else "no CPU kernel")
+        how = ("without torch (numpy and the native step)" if torch_free is None
+               else f"with torch ({torch_free})")
+        return "fast", f"a Llama-shaped model: loaded without transformers, run {how}, batched multi-adapter LoRA"
     reason = unsupported_config(read_config(folder)) if (folder / "config.json").is_file() else light
     if reason is None:
         return "fast", f"loaded with transformers ({light})"

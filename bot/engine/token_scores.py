@@ -11,12 +11,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+import numpy as np
 
 from bot.engine import SamplingParams, TokenLogprob
+from bot.engine.sampling import largest
 from bot.errors import UserInputError
 
 MAX_TOP_LOGPROBS = 20   # as vLLM's default max_logprobs
+
+
+def as_array(logits: Any) -> np.ndarray:
+    """A backend's logits as a float32 numpy array. Anything but a numpy array is taken for a torch
+    tensor and converted through its own methods, so that this module never imports torch."""
+    if isinstance(logits, np.ndarray):
+        return logits.astype(np.float32, copy=False)
+    return logits.detach().float().cpu().numpy()
 
 
 def check_sampling(params: SamplingParams, vocab_size: int) -> None:
@@ -30,32 +39,34 @@ def check_sampling(params: SamplingParams, vocab_size: int) -> None:
         raise UserInputError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}; got {params.logprobs}")
 
 
-def biased(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """``logits`` [B, V] with each row's ``logit_bias`` added (the same tensor when no row has one)."""
+def biased(logits: np.ndarray, params: Sequence[SamplingParams]) -> np.ndarray:
+    """``logits`` [B, V] with each row's ``logit_bias`` added (the same array when no row has one)."""
     if not any(p.logit_bias for p in params):
         return logits
-    out = logits.float().clone()
+    out = logits.astype(np.float32)  # a copy: the logits may be the backend's own buffer
     for i, p in enumerate(params):
         if p.logit_bias:
-            ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=out.device)
-            out[i, ids] += torch.tensor([b for _, b in p.logit_bias], dtype=out.dtype, device=out.device)
+            ids = [t for t, _ in p.logit_bias]
+            out[i, ids] += np.array([b for _, b in p.logit_bias], dtype=out.dtype)
     return out
 
 
-def token_scores(logits: torch.Tensor, chosen: Sequence[int], params: Sequence[SamplingParams],
+def token_scores(logits: np.ndarray, chosen: Sequence[int], params: Sequence[SamplingParams],
                  tokenizer: Any) -> list[TokenLogprob | None]:
     """For each row that asked for logprobs, the chosen token's log-probability and the top alternatives."""
     out: list[TokenLogprob | None] = [None] * len(chosen)
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None and chosen[i] >= 0]
     if not wanted:
         return out
-    logprobs = torch.log_softmax(logits[wanted].float(), dim=-1)
+    shifted = logits[wanted].astype(np.float64)
+    shifted -= shifted.max(axis=-1, keepdims=True)
+    logprobs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
     for row, i in enumerate(wanted):
         k = params[i].logprobs or 0
         top: tuple[tuple[str, float], ...] = ()
         if k:
-            values, ids = torch.topk(logprobs[row], k)
-            top = tuple((tokenizer.decode([int(t)]), float(v)) for t, v in zip(ids, values, strict=True))
+            ids = largest(logprobs[row], k)
+            top = tuple((tokenizer.decode([int(t)]), float(logprobs[row, t])) for t in ids)
         token = chosen[i]
         out[i] = TokenLogprob(tokenizer.decode([token]), float(logprobs[row, token]), top)
     return out

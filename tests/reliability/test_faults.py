@@ -220,8 +220,8 @@ async def test_real_engine_generations_grow_past_the_first_cache_block(real_conf
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the bug itself
 async def test_real_engine_sampling_failure_of_one_row_does_not_kill_the_worker(real_config: Config) -> None:
-    # A NaN temperature (which [generation] temperature = nan in config.toml currently lets through) makes
-    # torch.multinomial raise for that row only: nothing is monkeypatched here.
+    # A NaN temperature (which [generation] temperature = nan in config.toml currently lets through) gives
+    # that row NaN probabilities, which choose_next_tokens refuses for that row only: nothing is monkeypatched.
     engine = await _engine(real_config)
     try:
         good = asyncio.ensure_future(engine.generate("Hello there", SamplingParams(max_new_tokens=3), None))
