@@ -161,3 +161,37 @@ def test_the_bot_serves_the_bundled_model_and_shipped_adapters_without_importing
     assert "Rhine" in ours["qa"]
     for label, p in ours["mood"].items():
         assert p == pytest.approx(theirs["mood"][label], abs=1e-5)
+
+
+def bf16_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def test_bfloat16_stacks_compute_exactly_what_float32_stacks_do(tiny_base: Path, tiny_adapters: Path,
+                                                                tmp_path: Path) -> None:
+    # Rank 4: the q/k/v group stacks 12 rows (the scalar LoRA path), gate/up 8 (the kernel's).
+    folders = {a: bf16_copy(tiny_adapters / a, tmp_path / a) for a in ("qa", "story", "ner")}
+    tok_ids = [[1, 5, 9, 200, 31], [7, 7, 8], [300, 2, 4, 4, 4, 4, 4, 9], [11]]
+    names = ["qa", None, "story", "ner"]
+    narrow = load(tiny_base, gguf=None, max_context=256)
+    wide = load(tiny_base, gguf=None, max_context=256)
+    wide._bf16_stacks = False
+    runs = [greedy(fast, folders, tok_ids, names, steps=8, finished_after=4) for fast in (narrow, wide)]
+    assert narrow._stacks["qkv"].A.dtype == np.uint16 and wide._stacks["qkv"].A.dtype == np.float32
+    assert narrow.adapter_bytes("qa") * 2 == wide.adapter_bytes("qa")
+    for (a, ta), (b, tb) in zip(*runs, strict=True):
+        assert ta == tb and np.array_equal(a, b)
+    # A float32 adapter (not exactly bfloat16) turns every stack to float32, with the same results.
+    for fast in (narrow, wide):
+        fast.add_adapter("f32", tiny_adapters / "qa")
+    assert narrow._stacks["qkv"].A.dtype == np.float32
+    prompts, mixed = tok_ids[:2], ["f32", "story"]
+    for (a, ta), (b, tb) in zip(*(greedy(fast, {}, prompts, mixed, steps=4) for fast in (narrow, wide)), strict=True):
+        assert ta == tb and np.array_equal(a, b)

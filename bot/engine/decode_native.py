@@ -21,6 +21,7 @@ from bot.engine.kernels import address
 
 c_int, c_long, c_float, c_void_p = ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_void_p
 KIND = {kernels.Q41Weight: 1, kernels.Q80Weight: 2}
+LB_F32, LB_BF16 = 0, 3   # kernels.h
 GROUP_ORDER = ("qkv", "o", "gu", "down")
 
 
@@ -41,7 +42,7 @@ class Model(ctypes.Structure):
 
 class Lora(ctypes.Structure):
     _fields_ = [("A", c_void_p), ("lda", c_long), ("a_layer", c_long), ("B", c_void_p), ("ldb", c_long),
-                ("b_layer", c_long), ("mult", c_void_p), ("ldm", c_long), ("r", c_long)]
+                ("b_layer", c_long), ("mult", c_void_p), ("ldm", c_long), ("r", c_long), ("kind", c_int)]
 
 
 def _strides(a: Any) -> tuple[int, ...]:
@@ -121,9 +122,13 @@ class NativeDecode:
             A, B = stack.A, stack.B
             a_strides, b_strides = _strides(A), _strides(B)
             assert _contiguous(mult) and _f32_cpu(mult)
-            groups[j] = Lora(address(A) + lo * a_strides[1] * 4, a_strides[1], a_strides[0],
-                             address(B) + lo * 4, b_strides[1], b_strides[0],
-                             address(mult), mult.shape[1] if mult.shape[0] > 1 else 0, hi - lo)
+            # bfloat16 stacks (bot.engine.native_llama) are held as uint16 arrays of the same bits.
+            bf16 = isinstance(A, np.ndarray) and A.dtype == np.uint16
+            size = 2 if bf16 else 4
+            groups[j] = Lora(address(A) + lo * a_strides[1] * size, a_strides[1], a_strides[0],
+                             address(B) + lo * size, b_strides[1], b_strides[0],
+                             address(mult), mult.shape[1] if mult.shape[0] > 1 else 0, hi - lo,
+                             LB_BF16 if bf16 else LB_F32)
         return groups
 
     def step(self, x: Any, lens: list[int], kv: Any, sel: Any, threads: int, *,

@@ -28,17 +28,26 @@ typedef struct {
 
 /* One projection group's LoRA rows in use this step (r == 0: none). A: rows [r, in] of layer l at
    A + l * a_layer, row stride lda. B: the transposed stack [out, cap] from column lo, at B + l * b_layer,
-   row stride ldb. mult: [rows or 1, r] (ldm 0: one row for all), each row's scaling where its adapter's
-   columns are, 0 elsewhere. */
+   row stride ldb (strides in elements). mult: [rows or 1, r] (ldm 0: one row for all), each row's scaling
+   where its adapter's columns are, 0 elsewhere. kind: LB_F32 or LB_BF16, the stacks' element type. */
 typedef struct {
-    const float *A;
+    const void *A;
     long lda, a_layer;
-    const float *B;
+    const void *B;
     long ldb, b_layer;
     const float *mult;
     long ldm;
     long r;
+    int kind;
 } lb_lora;
+
+/* Element i of a bfloat16 array as float32 (exact: its bits are the float's top half). */
+static inline float bf16_at(const unsigned short *p, long i) {
+    unsigned int bits = (unsigned int)p[i] << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
 
 enum { G_QKV, G_O, G_GU, G_DOWN };
 
@@ -70,24 +79,29 @@ static void project(const lb_mat *const *ws, int nw, const long *offs, const lb_
         else
             lb_mm_for(ws[j], x, ldx, y + offs[j], ldy, n, 0, panel);
     }
+    const long esz = g->kind == LB_F32 ? 4 : 2;
     if (g->r) {
-        lb_mat a = {LB_F32, g->A + layer * g->a_layer, g->lda, g->r, ws[0]->k};
-        lb_mm_for(&a, x, ldx, la, g->r, n, 0, NULL);
+        lb_mat a = {g->kind, (const char *)g->A + layer * g->a_layer * esz, g->lda, g->r, ws[0]->k};
+        lb_mm_for(&a, x, ldx, la, g->r, n, 0, panel);
     }
     #pragma omp barrier
     if (!g->r) return;
     #pragma omp for schedule(static)
     for (long e = 0; e < n * g->r; e++) la[e] *= g->mult[(e / g->r) * g->ldm + e % g->r];
-    const float *B = g->B + layer * g->b_layer;
+    const char *B = (const char *)g->B + layer * g->b_layer * esz;
     if (g->r % 8 == 0) {
-        lb_mat b = {LB_F32, B, g->ldb, ldy, g->r};
-        lb_mm_for(&b, la, g->r, y, ldy, n, 1, NULL);
+        lb_mat b = {g->kind, B, g->ldb, ldy, g->r};
+        lb_mm_for(&b, la, g->r, y, ldy, n, 1, panel);
         #pragma omp barrier
         return;
     }
     #pragma omp for schedule(static)
     for (long o = 0; o < ldy; o++) {
-        const float *bo = B + o * g->ldb;
+        const float *bo = (const float *)(B + o * g->ldb * esz);
+        if (g->kind == LB_BF16) {   /* widened into the panel first: one loop, the same sums as float32 */
+            for (long j = 0; j < g->r; j++) panel[j] = bf16_at((const unsigned short *)bo, j);
+            bo = panel;
+        }
         for (int i = 0; i < n; i++) {
             float s = 0.0f;
             for (long j = 0; j < g->r; j++) s += la[i * g->r + j] * bo[j];
@@ -147,7 +161,10 @@ void lb_decode_step(const lb_model *m, const lb_lora *lora, int n, float *x, con
     const lb_xq *xqp = int8 ? &xq : NULL;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        float *panel = (float *)_mm_malloc(sizeof(float) * 4 * (I > D ? I : D), 32);
+        /* Expanded weight rows: the base matrices' (K <= max(I, D)) and bfloat16 LoRA stacks' (K <= rmax). */
+        long pk = I > D ? I : D;
+        if (rmax > pk) pk = rmax;
+        float *panel = (float *)_mm_malloc(sizeof(float) * 4 * pk, 32);
         float *sc = (float *)malloc(sizeof(float) * maxw);
         float *rot = (float *)malloc(sizeof(float) * hd);
         for (int l = 0; l < m->n_layers; l++) {

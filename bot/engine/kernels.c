@@ -132,6 +132,41 @@ static inline void store4(const __m256 *a, const __m256 *b, int nr, float *y, in
     }
 }
 
+/* 8 bfloat16 values as float32, exactly: their 16 bits are the top half of the float's. */
+static inline __m256 bf16s(const unsigned short *p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+/* bfloat16 rows to fp32 (ldw in elements; called through rows_fn, whose pointer is bytes). */
+static void bf16_rows(const unsigned char *w, long ldw, int nr, long K, float *out) {
+    const unsigned short *rows = (const unsigned short *)w;
+    for (int r = 0; r < nr; r++)
+        for (long k = 0; k < K; k += 8) _mm256_storeu_ps(out + r * K + k, bf16s(rows + r * ldw + k));
+}
+
+/* One row of x against four bfloat16 rows, widened in registers. */
+static void bf16_dot4(const float *x, const unsigned short *w, long ldw, int nr, long K, float *y, int add) {
+    const unsigned short *w0 = w, *w1 = w + (nr > 1 ? ldw : 0);
+    const unsigned short *w2 = w + (nr > 2 ? 2 * ldw : 0), *w3 = w + (nr > 3 ? 3 * ldw : 0);
+    __m256 a[4], b[4];
+    for (int r = 0; r < 4; r++) a[r] = b[r] = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 u = _mm256_loadu_ps(x + k), t = _mm256_loadu_ps(x + k + 8);
+        a[0] = _mm256_fmadd_ps(u, bf16s(w0 + k), a[0]); a[1] = _mm256_fmadd_ps(u, bf16s(w1 + k), a[1]);
+        a[2] = _mm256_fmadd_ps(u, bf16s(w2 + k), a[2]); a[3] = _mm256_fmadd_ps(u, bf16s(w3 + k), a[3]);
+        b[0] = _mm256_fmadd_ps(t, bf16s(w0 + k + 8), b[0]); b[1] = _mm256_fmadd_ps(t, bf16s(w1 + k + 8), b[1]);
+        b[2] = _mm256_fmadd_ps(t, bf16s(w2 + k + 8), b[2]); b[3] = _mm256_fmadd_ps(t, bf16s(w3 + k + 8), b[3]);
+    }
+    for (; k < K; k += 8) {
+        __m256 u = _mm256_loadu_ps(x + k);
+        a[0] = _mm256_fmadd_ps(u, bf16s(w0 + k), a[0]); a[1] = _mm256_fmadd_ps(u, bf16s(w1 + k), a[1]);
+        a[2] = _mm256_fmadd_ps(u, bf16s(w2 + k), a[2]); a[3] = _mm256_fmadd_ps(u, bf16s(w3 + k), a[3]);
+    }
+    store4(a, b, nr, y, add);
+}
+
 /* One row of x against four Q4_1 rows, expanded in registers (no panel): at one row the panel's store and
    reload cost more than the arithmetic. The weights are the reference dequantisation's exactly (d*q is
    exact, so one rounding either way); two accumulators per row hide the FMA latency. */
@@ -197,6 +232,15 @@ void lb_mm_for(const lb_mat *w, const float *x, long ldx, float *y, long ldy, lo
         if (w->kind == LB_F32) {
             wf = (const float *)w->w + n * w->ld;
             ldw = w->ld;
+        } else if (w->kind == LB_BF16) {
+            const unsigned short *wb = (const unsigned short *)w->w + n * w->ld;
+            if (M == 1) {
+                bf16_dot4(x, wb, w->ld, nr, K, y + n, add);
+                continue;
+            }
+            bf16_rows((const unsigned char *)wb, w->ld, nr, K, panel);
+            wf = panel;
+            ldw = K;
         } else {
             const unsigned char *wq = (const unsigned char *)w->w + n * w->ld;
             if (M == 1) {

@@ -4,9 +4,9 @@ Shared by the two fast engines: ``FastLlama`` (torch tensors, any device) and ``
 arrays, no torch). Per layer and projection group the A matrices of every loaded adapter are stacked
 (``[R_total, in]``) and so are the B matrices (``[R_total, out]``, kept transposed); a batch whose rows use
 different adapters multiplies ``x @ A_stack^T`` by a per-row mask that keeps the row's own adapter's
-columns (times its scaling) and zeroes the rest. The array type comes from the engine through four
-hooks (``_zeros``, ``_copy``, ``_repeat_rows``, ``_read_lora_file``); the slicing used here means the same
-for torch tensors and numpy arrays.
+columns (times its scaling) and zeroes the rest. The array type comes from the engine through its
+hooks (``_zeros``, ``_copy``, ``_repeat_rows``, ``_read_lora_file``, and for the stacks' own element type
+``_lora_zeros``/``_lora_values``); the slicing used here means the same for torch tensors and numpy arrays.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ class LoraStacks:
     out_dims: dict[str, tuple[int, int]]
 
     def _init_stacks(self, group_in: dict[str, int], group_out: dict[str, int]) -> None:
-        self._stacks = {g: _Stack(A=self._zeros((self.n_layers, 0, group_in[g])),
-                                  B=self._zeros((self.n_layers, group_out[g], 0)), scale=self._zeros((0,)))
+        self._stacks = {g: _Stack(A=self._lora_zeros((self.n_layers, 0, group_in[g])),
+                                  B=self._lora_zeros((self.n_layers, group_out[g], 0)), scale=self._zeros((0,)))
                         for g in GROUPS}
         self.adapters: dict[str, _Adapter] = {}
         self._sel_cache: dict[tuple[str | None, ...], Selection | None] = {}
@@ -115,6 +115,15 @@ class LoraStacks:
 
     def _read_lora_file(self, path: Path) -> dict[str, Any]:
         raise NotImplementedError
+
+    # The A/B stacks' elements: the engine's float type unless it keeps them narrower (exactly).
+    def _lora_zeros(self, shape: tuple[int, ...]) -> Any:
+        return self._zeros(shape)
+
+    def _lora_values(self, xs: list[Any]) -> list[Any]:
+        """An adapter's A and B matrices as the stacks hold them; may first change how the stacks hold
+        everything, when they cannot hold these exactly."""
+        return xs
 
     def add_adapter(self, name: str, path: Path) -> None:
         """Load a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) and stack it."""
@@ -151,6 +160,7 @@ class LoraStacks:
                                      "fit the base model")
         if len(weights) != 2 * self.n_layers * len(modules):
             raise ValueError("the adapter has LoRA weights for layers the base model does not have")
+        weights = dict(zip(weights, self._lora_values(list(weights.values())), strict=True))
         ranges: dict[str, tuple[int, int]] = {}
         scales: dict[str, list[float]] = {}
         nbytes = 0
@@ -175,7 +185,7 @@ class LoraStacks:
                 row += rank
             stack.scale[lo:lo + total] = scaling
             stack.used = lo + total
-            nbytes += self.n_layers * total * (stack.A.shape[2] + stack.B.shape[1]) * 4
+            nbytes += self.n_layers * total * (stack.A.shape[2] + stack.B.shape[1]) * stack.A.itemsize
         self.adapters[name] = _Adapter(name, ranges, scales, nbytes)
         self._sel_cache.clear()
 
@@ -184,9 +194,9 @@ class LoraStacks:
         if need <= cap:
             return
         new = max(need, 2 * cap)
-        A = self._zeros((stack.A.shape[0], new, stack.A.shape[2]))
+        A = self._lora_zeros((stack.A.shape[0], new, stack.A.shape[2]))
         A[:, :stack.used] = stack.A[:, :stack.used]
-        B = self._zeros((stack.B.shape[0], stack.B.shape[1], new))
+        B = self._lora_zeros((stack.B.shape[0], stack.B.shape[1], new))
         B[:, :, :stack.used] = stack.B[:, :, :stack.used]
         stack.A, stack.B = A, B
         scale = self._zeros((new,))

@@ -33,6 +33,11 @@ class NativeUnsupported(Exception):
     """This model or configuration needs the torch engine (the message says why)."""
 
 
+def _widen(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) as float32 values, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 def _threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -82,6 +87,7 @@ class NativeLlama(LoraStacks):
         self._rope(cfg)
         group_in = {"qkv": self.hidden, "o": self.q_dim, "gu": self.hidden, "down": self.inter}
         group_out = {"qkv": self.q_dim + 2 * self.kv_dim, "o": self.hidden, "gu": 2 * self.inter, "down": self.hidden}
+        self._bf16_stacks = True
         self._init_stacks(group_in, group_out)
         self.native = NativeDecode(self, lib, int8=int8_activations)
         if self.native.why_not:
@@ -123,6 +129,22 @@ class NativeLlama(LoraStacks):
 
     def _read_lora_file(self, path: Path) -> dict[str, np.ndarray]:
         return read_arrays(path)
+
+    # bfloat16 adapters (PEFT saves a bfloat16 model's adapters so) are stacked as their own bits, half
+    # the memory of float32, and the kernel widens them exactly; one adapter that is not exactly bfloat16
+    # turns every stack to float32 for good.
+    def _lora_zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, dtype=np.uint16 if self._bf16_stacks else np.float32)
+
+    def _lora_values(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        xs = [np.ascontiguousarray(x, dtype=np.float32) for x in xs]
+        if self._bf16_stacks and not all(not (x.view(np.uint32) & 0xFFFF).any() for x in xs):
+            self._bf16_stacks = False
+            for stack in self._stacks.values():
+                stack.A, stack.B = (_widen(stack.A), _widen(stack.B))
+        if not self._bf16_stacks:
+            return xs
+        return [(x.view(np.uint32) >> 16).astype(np.uint16) for x in xs]
 
     def new_kv(self, rows: int, cols: int) -> np.ndarray:
         return np.zeros((self.n_layers, rows, 2, self.n_kv, cols, self.head_dim), dtype=np.float32)
