@@ -45,10 +45,10 @@ def _header(path: Path) -> tuple[dict[str, Any], int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def read_arrays(path: Path) -> dict[str, np.ndarray]:
+def read_arrays(path: Path, *, bf16_bits: bool = False) -> dict[str, np.ndarray]:
     """A safetensors file as numpy arrays viewing one private memory map of it (no read copy), except
-    bfloat16 tensors, which come as float32 copies. Raises ValueError for other dtypes numpy cannot hold
-    and for misaligned data."""
+    bfloat16 tensors, which come as float32 copies (``bf16_bits``: as uint16 views of their bits). Raises
+    ValueError for other dtypes numpy cannot hold and for misaligned data."""
     header, start_of_data = _header(path)
     raw = map_array(path)[start_of_data:]
     out = {}
@@ -59,7 +59,7 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         start, end = meta["data_offsets"]
         if meta["dtype"] == "BF16" and start % 2 == 0:
             halves = raw[start:end].view(np.uint16).reshape(meta["shape"])
-            out[key] = (halves.astype(np.uint32) << 16).view(np.float32)
+            out[key] = halves if bf16_bits else (halves.astype(np.uint32) << 16).view(np.float32)
             continue
         if dtype is None:
             raise ValueError(f"{path}: tensor {key} is {meta['dtype']}, which numpy cannot hold")
