@@ -40,7 +40,7 @@ PLAN: list[tuple[str, list[str], list[str], int]] = [
     ("kv_memory", [], ["--short", "3", "--long-tokens", "400"], 300),
     # lorabot beside llama.cpp (its rows are skipped, with the reason, when llama-cpp-python is missing).
     ("llamacpp", ["--rounds", "2"], ["--rounds", "1", "--runs", "1", "--new-tokens", "16", "--b16-new-tokens", "8",
-                                     "--classify-runs", "3"], 900),
+                                     "--classify-runs", "3", "--torch-engine", "no"], 900),
 ]
 
 # (figure, results file, value key, baseline key, target, test(value, results), what the baseline is)

@@ -30,7 +30,8 @@ loads it (``LocalEngine.from_config``); the JSON says which dtype, backend and k
 the configured dtype is not float32 (``auto`` picks bfloat16 on CPUs with native bf16) lorabot is also
 measured at float32 (the CPU kernel over the GGUF's Q4_1 weights, the same numbers llama.cpp reads),
 under ``float32``; with ``--int8 yes`` (the default) once more with ``engine.int8_activations`` (opt-in, approximate),
-under ``int8``. A third child measures the machine's limits (memory bandwidth, float32 matmul peak).
+under ``int8``; with ``--torch-engine yes`` (the default) once more on its torch engine (``LORABOT_TORCH_ENGINE=1``:
+``FastLlama``, what served before the torch-free ``NativeLlama``), under ``torch_engine``. A third child measures the machine's limits (memory bandwidth, float32 matmul peak).
 When llama-cpp-python cannot be imported (the optional ``bench`` extra: ``pip install -e '.[bench]'``)
 its rows are None and ``llamacpp_skipped`` says why. Ratios are lorabot / llama.cpp for every row.
 Results: bench/results/llamacpp.json.
@@ -440,12 +441,17 @@ def limits_child(work: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the parent
 
-def spawn(side: str, work_path: Path, dtype: str = "config", int8: bool = False) -> dict[str, Any]:
-    """One child process; its last stdout line is its JSON. A failing child is reported, never raised."""
+def spawn(side: str, work_path: Path, dtype: str = "config", int8: bool = False,
+          torch_engine: bool = False) -> dict[str, Any]:
+    """One child process; its last stdout line is its JSON. A failing child is reported, never raised.
+    ``torch_engine``: lorabot on its torch engine (``LORABOT_TORCH_ENGINE``), the one it had before the
+    torch-free engine, for a before/after in the same run."""
     started = time.time()
     cmd = [sys.executable, "-m", "bench.llamacpp", "--child", side, "--work", str(work_path), "--dtype", dtype,
            "--spawned-at", repr(started), *(["--int8-child"] if int8 else [])]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = {k: v for k, v in os.environ.items() if k != "LORABOT_TORCH_ENGINE"} | {"PYTHONWARNINGS": "ignore"}
+    if torch_engine:
+        env["LORABOT_TORCH_ENGINE"] = "1"
     try:
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
@@ -513,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--int8", choices=("yes", "no"), default="yes",
                         help="also measure lorabot with engine.int8_activations (opt-in, approximate)")
+    parser.add_argument("--torch-engine", choices=("yes", "no"), default="yes",
+                        help="also measure lorabot on its torch engine (LORABOT_TORCH_ENGINE=1)")
     args = parser.parse_args(argv)
 
     if args.child:
@@ -528,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
 
     threads, why = choose_threads(args.threads)
     print(f"threads: {threads} ({why})", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {"lorabot": [], "lorabot_float32": [], "lorabot_int8": [], "llamacpp": []}
+    runs: dict[str, list[dict[str, Any]]] = {"lorabot": [], "lorabot_float32": [], "lorabot_int8": [],
+                                             "lorabot_torch": [], "llamacpp": []}
     limits: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="lorabot-bench-") as tmp:
         work_path = prepare(Path(args.config), Path(tmp), args, threads)
@@ -543,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs["lorabot_float32"].append(spawn("lorabot", work_path, "float32"))
                 if args.int8 == "yes":
                     runs["lorabot_int8"].append(spawn("lorabot", work_path, int8=True))
+                if args.torch_engine == "yes":
+                    runs["lorabot_torch"].append(spawn("lorabot", work_path, torch_engine=True))
             missing = any("skipped" in c for c in runs["llamacpp"])   # known after one try
             if "llamacpp" in args.sides and not missing:
                 runs["llamacpp"].append(spawn("llamacpp", work_path))
@@ -550,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         if "limits" in args.sides:
             limits = spawn("limits", work_path)
     ours, ours32, theirs = combine(runs["lorabot"]), combine(runs["lorabot_float32"]), combine(runs["llamacpp"])
-    ours8 = combine(runs["lorabot_int8"])
+    ours8, ours_torch = combine(runs["lorabot_int8"]), combine(runs["lorabot_torch"])
     result: dict[str, Any] = {
         "threads": threads, "threads_choice": why, "rounds": args.rounds, "prompt": PROMPT,
         "settings": {k: work[k] for k in ("new_tokens", "b16_new_tokens", "runs", "classify_runs", "model")}
@@ -576,11 +587,14 @@ def main(argv: list[str] | None = None) -> int:
     if runs["lorabot_int8"]:
         result["int8"] = {"lorabot": ours8.get("engine", {}) | {"error": ours8.get("error")}}
         result["int8"] |= figures(ours8, theirs)
+    if runs["lorabot_torch"]:
+        result["torch_engine"] = {"lorabot": ours_torch.get("engine", {}) | {"error": ours_torch.get("error")}}
+        result["torch_engine"] |= figures(ours_torch, theirs)
     # What each engine answered, so that a reader can see both did the same work.
     shown = ("single_text", "single_adapter_text", "sentiment_scores")
     result["outputs"] = {side: {k: found.get(k) for k in shown} for side, found in
                          (("lorabot", ours), ("lorabot_float32", ours32), ("lorabot_int8", ours8),
-                          ("llamacpp", theirs)) if found}
+                          ("lorabot_torch", ours_torch), ("llamacpp", theirs)) if found}
     result["limits"] = limits
     if limits and "error" not in limits:
         # One row can go no faster than the weights stream from memory or the matmuls run at peak.
@@ -598,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += table("lorabot at float32 (CPU kernel, GGUF Q4_1 weights)", result["float32"])
     if "int8" in result:
         lines += table("lorabot with engine.int8_activations (opt-in, approximate)", result["int8"])
+    if "torch_engine" in result:
+        lines += table("lorabot on its torch engine (LORABOT_TORCH_ENGINE=1)", result["torch_engine"])
     if limits and "error" not in limits:
         lines.append(f"machine: {limits['bandwidth_gb_s']} GB/s copy bandwidth -> at most "
                      f"{limits['single_ceiling_tok_s_bandwidth']} tok/s for one row over the {limits['gguf_mb']} MB "
