@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from bot.engine import SamplingParams
+from bot.engine import SamplingParams, kernels
 from bot.engine.loading import BaseModelRef, load_model
 from bot.errors import AdapterError
 
@@ -21,24 +21,35 @@ PROMPTS = [
 ]
 
 
-def _engine(tiny_base, tiny_adapters, backend: str, max_batch: int = 8):
-    """backend "light": the fast backend on a model loaded without transformers (bot.engine.light_model)."""
-    from bot.engine.light_model import load_light
+def _engine(tiny_base, tiny_adapters, backend: str, max_batch: int = 8, batch_wait_ms: int = 5):
+    """backend "light": the fast backend on a model loaded without transformers (bot.engine.light_model);
+    "native": the fast backend on the torch-free engine (bot.engine.native_llama)."""
+    from bot.engine.light_model import LightTokenizer, load_light
     from bot.engine.scheduler import LocalEngine
 
+    if backend == "native":
+        from bot.engine import native_llama
+        from bot.engine.backend_fast import FastBackend
+
+        fast = FastBackend(native_llama.load(tiny_base, gguf=None, max_context=2048))
+        return LocalEngine(None, LightTokenizer(tiny_base), BaseModelRef("tiny", tiny_base), tiny_adapters,
+                           max_batch=max_batch, backend=fast, batch_wait_ms=batch_wait_ms)
     if backend == "light":
         model, tok = load_light(tiny_base, dtype="float32", device="cpu")
         backend = "fast"
     else:
         model, tok = load_model(tiny_base, dtype="float32", device="cpu")
     return LocalEngine(model, tok, BaseModelRef("tiny", tiny_base), tiny_adapters, max_batch=max_batch,
-                       backend=backend)
+                       backend=backend, batch_wait_ms=batch_wait_ms)
 
 
-@pytest.fixture(params=["fast", "peft", "light"])
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(kernels.load() is None, reason="no CPU kernel"))
+
+
+@pytest.fixture(params=["fast", "peft", "light", NATIVE])
 async def engine(request, tiny_base, tiny_adapters):
     eng = _engine(tiny_base, tiny_adapters, request.param)
-    assert eng.backend == {"light": "fast"}.get(request.param, request.param)
+    assert eng.backend == {"light": "fast", "native": "fast"}.get(request.param, request.param)
     yield eng
     await eng.close()
 
@@ -344,3 +355,15 @@ def test_adapter_files_read_as_safetensors_reads_them(tiny_adapters):
     want, got = load_file(str(path)), read_safetensors(path)
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) and want[k].dtype == got[k].dtype for k in want)
+
+
+async def test_a_lone_request_does_not_wait_for_company(tiny_base, tiny_adapters):
+    # A minute of batch_wait: were a lone request to wait for companions, it would take that minute.
+    # (Requests arriving together still batch: tests/reliability/test_faults.py fails one inside a batch.)
+    eng = _engine(tiny_base, tiny_adapters, "light", batch_wait_ms=60_000)
+    try:
+        lone = await asyncio.wait_for(eng.classify("Text: fine\nSentiment:", ["positive", "negative"], "sentiment"),
+                                      30)
+        assert sum(lone.scores.values()) == pytest.approx(1.0)
+    finally:
+        await eng.close()

@@ -50,6 +50,7 @@ class _Job:
     future: asyncio.Future[Any]
     cancelled: bool = False
     key: str | None = None      # the backend's name for the adapter version this request runs on
+    in_burst: bool = False      # another request was queued less than batch_wait before this one
 
 
 @dataclass
@@ -191,6 +192,7 @@ class LocalEngine:
         self.backend = self._backend.name
         self._queue: queue.Queue[_Job | _ControlJob] = queue.Queue()
         self._closed = False
+        self._last_put = float("-inf")
         self._dead: str | None = None   # why the worker thread ended, if it ever does
         self.in_flight = 0              # rows in the running batch (written by the worker only)
         self.decode_steps = 0           # decode steps run since start
@@ -429,6 +431,9 @@ class LocalEngine:
             raise EngineError("the engine is shut down")
         if self._dead is not None:
             raise self._dead_error()
+        if isinstance(job, _Job):
+            now = time.monotonic()
+            job.in_burst, self._last_put = now - self._last_put < self.batch_wait, now
         self._queue.put(job)
         if self._dead is not None:  # the worker died between the check and the put: nobody will take it
             self._fail_queued()
@@ -544,9 +549,11 @@ class LocalEngine:
             if block:
                 jobs.append(self._queue.get())
                 deadline = time.monotonic() + self.batch_wait
-                # Wait briefly for companions so that simultaneous requests share one batch
-                # (not for a control job such as a reload: nothing batches with it).
-                while len(jobs) < self.max_batch and not isinstance(jobs[0], _ControlJob):
+                # Wait briefly for companions so that requests arriving together share one batch, but only
+                # while they do arrive together: a lone request (the previous one came more than batch_wait
+                # earlier) does not wait for company that is not coming (5 ms of a 50 ms classification).
+                # Requests queued at once are drained below without waiting; nothing waits for a control job.
+                while len(jobs) < self.max_batch and getattr(jobs[-1], "in_burst", False):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break

@@ -172,8 +172,11 @@ async def test_real_engine_failure_inside_a_batch_fails_only_that_request(
         backend = engine._backend
         real_prefill, real_score = backend.prefill, backend.score
 
+        shared: list[int] = []   # sizes of the batches a poisoned prompt was in
+
         def poisoned(prompts) -> None:  # type: ignore[no-untyped-def]
             if any("KABOOM" in engine._tok.decode(p) for p in prompts):
+                shared.append(len(prompts))
                 raise RuntimeError("injected: CUDA error: device-side assert triggered")
 
         def prefill(batch, prompts, adapters):  # type: ignore[no-untyped-def]
@@ -194,6 +197,7 @@ async def test_real_engine_failure_inside_a_batch_fails_only_that_request(
         kinds = ["error" if "KABOOM" in t else "answer" for t in texts]
         assert [r.kind for r in replies] == kinds, [r.text for r in replies]
         assert all("model failed on this request" in r.text for r in replies if r.kind == "error")
+        assert max(shared) > 1   # the failure was inside a batch with other requests, not alone
         after = await asyncio.wait_for(core.handle(msg("/sentiment the engine still works")), 60)
         assert after.kind == "answer"
     finally:
