@@ -29,9 +29,10 @@ Each engine runs in its own child process (clean memory and threads), the childr
 loads it (``LocalEngine.from_config``); the JSON says which dtype, backend and kernel it ran with. When
 the configured dtype is not float32 (``auto`` picks bfloat16 on CPUs with native bf16) lorabot is also
 measured at float32 (the CPU kernel over the GGUF's Q4_1 weights, the same numbers llama.cpp reads),
-under ``float32``; with ``--int8 yes`` (the default) once more with ``engine.int8_activations`` (opt-in, approximate),
-under ``int8``; with ``--torch-engine yes`` (the default) once more on its torch engine (``LORABOT_TORCH_ENGINE=1``:
-``FastLlama``, what served before the torch-free ``NativeLlama``), under ``torch_engine``. A third child measures the machine's limits (memory bandwidth, float32 matmul peak).
+under ``float32``; with ``--int8 yes`` (the default) once more with ``engine.int8_activations`` (opt-in,
+approximate), under ``int8``; with ``--torch-engine yes`` (the default) once more on its torch engine
+(``LORABOT_TORCH_ENGINE=1``: ``FastLlama``, what served before the torch-free ``NativeLlama``), under
+``torch_engine``. A third child measures the machine's limits (memory bandwidth, float32 matmul peak).
 When llama-cpp-python cannot be imported (the optional ``bench`` extra: ``pip install -e '.[bench]'``)
 its rows are None and ``llamacpp_skipped`` says why. Ratios are lorabot / llama.cpp for every row.
 Results: bench/results/llamacpp.json.

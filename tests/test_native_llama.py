@@ -71,11 +71,12 @@ def test_a_long_prompt_and_classification_agree_with_the_torch_engine(tiny_base:
     adapters = {"qa": tiny_adapters / "qa"}
     native = load(tiny_base, gguf=None, max_context=512)
     fast = FastLlama(model.config, model.weights)
+    # Summation orders differ (the kernel's tiles, 16 lanes wide on AVX-512, against torch's BLAS): 1e-3.
     assert_same(greedy(native, adapters, prompts, names, steps=6), greedy(fast, adapters, prompts, names, steps=6),
-                atol=1e-4)
+                atol=1e-3)
     ours = native.prefill(prompts, ["qa", "qa"], Columns([5, 17, 3]))
     theirs = fast.prefill(prompts, ["qa", "qa"], Columns([5, 17, 3])).numpy()
-    assert ours.shape == (2, 3) and np.allclose(ours, theirs, atol=1e-4)
+    assert ours.shape == (2, 3) and np.allclose(ours, theirs, atol=1e-3)
 
 
 def test_adapters_come_and_go_as_in_the_torch_engine(tiny_base: Path, tiny_adapters: Path) -> None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from bot.engine import kernels
 from bot.engine.decode_native import NativeDecode
 from bot.engine.light_model import unsupported_config
-from bot.engine.lora_stacks import GROUPS, MODULE_GROUP, Columns, Layer, LoraStacks, Selection
+from bot.engine.lora_stacks import GROUPS, MODULE_GROUP, Columns, LoraStacks, Selection
 from bot.engine.slot_cache import Reservation, SlotCache
 from bot.engine.weights import read_safetensors
 
@@ -82,39 +82,12 @@ class FastLlama(LoraStacks):
         reason = unsupported_config(cfg)
         if reason:
             raise ValueError(reason)
-        self.config = cfg
-        self.n_layers = cfg.num_hidden_layers
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads
-        self.group = self.n_heads // self.n_kv
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.hidden = cfg.hidden_size
-        self.inter = cfg.intermediate_size
-        self.eps = float(cfg.rms_norm_eps)
-        self.scale = self.head_dim ** -0.5
-        try:
-            self.embed = weights["model.embed_tokens.weight"]
-            self.head = weights.get("lm_head.weight", self.embed)
-            self.norm = weights["model.norm.weight"]
-            self.layers = [self._weights(weights, f"model.layers.{i}.") for i in range(self.n_layers)]
-        except KeyError as exc:
-            raise ValueError(f"the weights have no tensor {exc.args[0]}") from None
+        self._read_model(cfg, weights, ValueError)
         self.dtype = self.norm.dtype    # the embeddings may be quantised blocks (bot.engine.gguf)
         self.device = self.norm.device
-        self.q_dim = self.n_heads * self.head_dim
-        self.kv_dim = self.n_kv * self.head_dim
-        self.out_dims = {
-            "q_proj": (0, self.q_dim), "k_proj": (self.q_dim, self.q_dim + self.kv_dim),
-            "v_proj": (self.q_dim + self.kv_dim, self.q_dim + 2 * self.kv_dim), "o_proj": (0, self.hidden),
-            "gate_proj": (0, self.inter), "up_proj": (self.inter, 2 * self.inter), "down_proj": (0, self.hidden),
-        }
-        self.in_dims = {m: (self.inter if m == "down_proj" else self.q_dim if m == "o_proj" else self.hidden)
-                        for m in MODULE_GROUP}
-        self.max_context = min(max_context, cfg.max_position_embeddings)
+        self.max_context = min(max_context, self.max_context)
         self._rope(rope_inv_freq(cfg) if inv_freq is None else inv_freq, attention_scaling)
-        group_in = {"qkv": self.hidden, "o": self.q_dim, "gu": self.hidden, "down": self.inter}
-        group_out = {"qkv": self.q_dim + 2 * self.kv_dim, "o": self.hidden, "gu": 2 * self.inter, "down": self.hidden}
-        self._init_stacks(group_in, group_out)
+        self._init_stacks()
         use_kernel = cpu_kernel and self.device.type == "cpu" and self.dtype == torch.float32
         self.kernel = kernels.load() if use_kernel else None
         self.native: NativeDecode | None = None
@@ -135,18 +108,6 @@ class FastLlama(LoraStacks):
                    attention_scaling=getattr(rotary, "attention_scaling", 1.0))
 
     # ------------------------------------------------------------------ weights
-    @staticmethod
-    def _weights(w: dict[str, torch.Tensor], prefix: str) -> Layer:
-        # Not fused into one q/k/v matrix: a fused copy would add ~280 MB (the originals stay mapped),
-        # and at these sizes the two extra matmul calls per group cost well under a millisecond.
-        attn, mlp = prefix + "self_attn.", prefix + "mlp."
-        return Layer(
-            ln1=w[prefix + "input_layernorm.weight"], ln2=w[prefix + "post_attention_layernorm.weight"],
-            wqkv=(w[attn + "q_proj.weight"], w[attn + "k_proj.weight"], w[attn + "v_proj.weight"]),
-            wo=(w[attn + "o_proj.weight"],), wgu=(w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]),
-            wdown=(w[mlp + "down_proj.weight"],),
-        )
-
     def _rope(self, inv_freq: torch.Tensor, scaling: float) -> None:
         """cos/sin per position, computed as transformers does; sin carries rotate_half's sign."""
         inv_freq = inv_freq.to(device=self.device, dtype=torch.float32)

@@ -37,6 +37,18 @@ class Layer:
     wgu: tuple[Any, ...]    # gate, up
     wdown: tuple[Any, ...]
 
+    @staticmethod
+    def from_weights(w: dict[str, Any], prefix: str) -> Layer:
+        # Not fused into one q/k/v matrix: a fused copy would add ~280 MB (the originals stay mapped),
+        # and at these sizes the two extra matmul calls per group cost well under a millisecond.
+        attn, mlp = prefix + "self_attn.", prefix + "mlp."
+        return Layer(
+            ln1=w[prefix + "input_layernorm.weight"], ln2=w[prefix + "post_attention_layernorm.weight"],
+            wqkv=(w[attn + "q_proj.weight"], w[attn + "k_proj.weight"], w[attn + "v_proj.weight"]),
+            wo=(w[attn + "o_proj.weight"],), wgu=(w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]),
+            wdown=(w[mlp + "down_proj.weight"],),
+        )
+
 
 @dataclass
 class Columns:
@@ -88,15 +100,45 @@ class Selection:
 
 
 class LoraStacks:
-    """The adapters of an engine (mixed into it). The engine sets ``n_layers``, ``in_dims`` and
-    ``out_dims`` (per module: its input size, and its output rows [lo, hi) in the group's output), calls
-    ``_init_stacks`` and provides the array hooks."""
+    """A Llama model's shape and weights, and the adapters stacked on it (mixed into both fast engines).
+    The engine calls ``_read_model``, then ``_init_stacks`` once its array hooks work."""
 
-    n_layers: int
-    in_dims: dict[str, int]
-    out_dims: dict[str, tuple[int, int]]
+    def _read_model(self, cfg: Any, weights: dict[str, Any], error: type[Exception]) -> None:
+        """The shape from a Llama config; the weights by transformers' names ("model.layers.0.self_attn.
+        q_proj.weight", ...; ``lm_head.weight`` may be absent when tied to the embeddings), ``error`` for
+        a missing one. Per module: ``in_dims`` its input size, ``out_dims`` its output rows [lo, hi) in
+        its group's output."""
+        self.config = cfg
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.group = self.n_heads // self.n_kv
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.hidden = cfg.hidden_size
+        self.inter = cfg.intermediate_size
+        self.eps = float(cfg.rms_norm_eps)
+        self.scale = self.head_dim ** -0.5
+        self.q_dim = self.n_heads * self.head_dim
+        self.kv_dim = self.n_kv * self.head_dim
+        self.max_context = cfg.max_position_embeddings
+        try:
+            self.embed = weights["model.embed_tokens.weight"]
+            self.head = weights.get("lm_head.weight", self.embed)
+            self.norm = weights["model.norm.weight"]
+            self.layers = [Layer.from_weights(weights, f"model.layers.{i}.") for i in range(self.n_layers)]
+        except KeyError as exc:
+            raise error(f"the weights have no tensor {exc.args[0]}") from None
+        self.out_dims = {
+            "q_proj": (0, self.q_dim), "k_proj": (self.q_dim, self.q_dim + self.kv_dim),
+            "v_proj": (self.q_dim + self.kv_dim, self.q_dim + 2 * self.kv_dim), "o_proj": (0, self.hidden),
+            "gate_proj": (0, self.inter), "up_proj": (self.inter, 2 * self.inter), "down_proj": (0, self.hidden),
+        }
+        self.in_dims = {m: (self.inter if m == "down_proj" else self.q_dim if m == "o_proj" else self.hidden)
+                        for m in MODULE_GROUP}
 
-    def _init_stacks(self, group_in: dict[str, int], group_out: dict[str, int]) -> None:
+    def _init_stacks(self) -> None:
+        group_in = {"qkv": self.hidden, "o": self.q_dim, "gu": self.hidden, "down": self.inter}
+        group_out = {"qkv": self.q_dim + 2 * self.kv_dim, "o": self.hidden, "gu": 2 * self.inter, "down": self.hidden}
         self._stacks = {g: _Stack(A=self._lora_zeros((self.n_layers, 0, group_in[g])),
                                   B=self._lora_zeros((self.n_layers, group_out[g], 0)), scale=self._zeros((0,)))
                         for g in GROUPS}

@@ -24,7 +24,7 @@ import numpy as np
 from bot.engine import kernels
 from bot.engine.decode_native import NativeDecode
 from bot.engine.light_model import unsupported_config
-from bot.engine.lora_stacks import GROUPS, MODULE_GROUP, Columns, Layer, LoraStacks, Selection
+from bot.engine.lora_stacks import GROUPS, Columns, LoraStacks, Selection
 from bot.engine.slot_cache import Reservation, SlotCache
 from bot.engine.weights import read_arrays
 
@@ -68,52 +68,16 @@ class NativeLlama(LoraStacks):
         if reason:
             raise NativeUnsupported(reason)
         _small_pages()
-        self.config = cfg
         self.kernel = lib
         self.threads = threads or _threads()
-        self.n_layers = cfg.num_hidden_layers
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.hidden = cfg.hidden_size
-        self.inter = cfg.intermediate_size
-        self.eps = float(cfg.rms_norm_eps)
-        self.scale = self.head_dim ** -0.5
-        self.q_dim = self.n_heads * self.head_dim
-        self.kv_dim = self.n_kv * self.head_dim
-        try:
-            self.embed = weights["model.embed_tokens.weight"]
-            self.head = weights.get("lm_head.weight", self.embed)
-            self.norm = weights["model.norm.weight"]
-            self.layers = [self._layer(weights, f"model.layers.{i}.") for i in range(self.n_layers)]
-        except KeyError as exc:
-            raise NativeUnsupported(f"the weights have no tensor {exc.args[0]}") from None
-        self.out_dims = {
-            "q_proj": (0, self.q_dim), "k_proj": (self.q_dim, self.q_dim + self.kv_dim),
-            "v_proj": (self.q_dim + self.kv_dim, self.q_dim + 2 * self.kv_dim), "o_proj": (0, self.hidden),
-            "gate_proj": (0, self.inter), "up_proj": (self.inter, 2 * self.inter), "down_proj": (0, self.hidden),
-        }
-        self.in_dims = {m: (self.inter if m == "down_proj" else self.q_dim if m == "o_proj" else self.hidden)
-                        for m in MODULE_GROUP}
-        self.max_context = min(max_context, cfg.max_position_embeddings)
+        self._read_model(cfg, weights, NativeUnsupported)
+        self.max_context = min(max_context, self.max_context)
         self._rope(cfg)
-        group_in = {"qkv": self.hidden, "o": self.q_dim, "gu": self.hidden, "down": self.inter}
-        group_out = {"qkv": self.q_dim + 2 * self.kv_dim, "o": self.hidden, "gu": 2 * self.inter, "down": self.hidden}
         self._bf16_stacks = True
-        self._init_stacks(group_in, group_out)
+        self._init_stacks()
         self.native = NativeDecode(self, lib, int8=int8_activations)
         if self.native.why_not:
             raise NativeUnsupported(self.native.why_not)
-
-    @staticmethod
-    def _layer(w: dict[str, Any], prefix: str) -> Layer:
-        attn, mlp = prefix + "self_attn.", prefix + "mlp."
-        return Layer(
-            ln1=w[prefix + "input_layernorm.weight"], ln2=w[prefix + "post_attention_layernorm.weight"],
-            wqkv=(w[attn + "q_proj.weight"], w[attn + "k_proj.weight"], w[attn + "v_proj.weight"]),
-            wo=(w[attn + "o_proj.weight"],), wgu=(w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]),
-            wdown=(w[mlp + "down_proj.weight"],),
-        )
 
     def _rope(self, cfg: Any) -> None:
         """cos/sin per position with transformers' default RoPE (float32 frequencies and angles, as it
