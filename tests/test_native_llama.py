@@ -71,7 +71,7 @@ def test_a_long_prompt_and_classification_agree_with_the_torch_engine(tiny_base:
     adapters = {"qa": tiny_adapters / "qa"}
     native = load(tiny_base, gguf=None, max_context=512)
     fast = FastLlama(model.config, model.weights)
-    # Summation orders differ (the kernel's tiles, 16 lanes wide on AVX-512, against torch's BLAS): 1e-3.
+    # Summation orders differ (the kernel's tiles against torch's BLAS past 64 rows): 1e-3.
     assert_same(greedy(native, adapters, prompts, names, steps=6), greedy(fast, adapters, prompts, names, steps=6),
                 atol=1e-3)
     ours = native.prefill(prompts, ["qa", "qa"], Columns([5, 17, 3]))

@@ -65,70 +65,6 @@ static void tile1(const float *x, const float *w, long ldw, long K, float *y, in
     for (int j = 0; j < nr; j++) y[j] = add ? y[j] + r[j] : r[j];
 }
 
-#ifdef __AVX512F__
-/* R rows of x against four rows of w (nr <= 4 real) with 16-wide accumulators, for M > 1 on CPUs with
-   AVX-512 (built with it only where the CPU has it): up to 6 x 4 accumulators of the 32 registers. K is a
-   multiple of 8; a last half vector is loaded masked (zeros in the upper lanes add exactly nothing). Used
-   for every kind of weights at M > 1 (float32 rows, or panels expanded from blocks or bfloat16), so they
-   keep giving the same sums as one another. */
-static inline __attribute__((always_inline)) void tile_512(const int R, const float *x, long ldx, const float *w,
-                                                           long ldw, long K, float *y, long ldy, int nr, int add) {
-    __m512 acc[6][4];
-    const float *wr[4] = {w, w + (nr > 1 ? ldw : 0), w + (nr > 2 ? 2 * ldw : 0), w + (nr > 3 ? 3 * ldw : 0)};
-    #pragma GCC unroll 6
-    for (int i = 0; i < R; i++)
-        #pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
-    long k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m512 u[6];
-        #pragma GCC unroll 6
-        for (int i = 0; i < R; i++) u[i] = _mm512_loadu_ps(x + i * ldx + k);
-        #pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) {
-            __m512 v = _mm512_loadu_ps(wr[j] + k);
-            #pragma GCC unroll 6
-            for (int i = 0; i < R; i++) acc[i][j] = _mm512_fmadd_ps(u[i], v, acc[i][j]);
-        }
-    }
-    if (k < K) {
-        const __mmask16 half = 0x00FF;
-        __m512 u[6];
-        #pragma GCC unroll 6
-        for (int i = 0; i < R; i++) u[i] = _mm512_maskz_loadu_ps(half, x + i * ldx + k);
-        #pragma GCC unroll 4
-        for (int j = 0; j < 4; j++) {
-            __m512 v = _mm512_maskz_loadu_ps(half, wr[j] + k);
-            #pragma GCC unroll 6
-            for (int i = 0; i < R; i++) acc[i][j] = _mm512_fmadd_ps(u[i], v, acc[i][j]);
-        }
-    }
-    #pragma GCC unroll 6
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < nr; j++) {
-            float r = _mm512_reduce_add_ps(acc[i][j]);
-            y[i * ldy + j] = add ? y[i * ldy + j] + r : r;
-        }
-}
-
-static void tile6_512(const float *x, long ldx, const float *w, long ldw, long K, float *y, long ldy, int nr,
-                      int add) {
-    tile_512(6, x, ldx, w, ldw, K, y, ldy, nr, add);
-}
-
-/* The last 1..5 rows, in one tile of that many. */
-static void tail_512(int R, const float *x, long ldx, const float *w, long ldw, long K, float *y, long ldy, int nr,
-                     int add) {
-    switch (R) {
-        case 5: tile_512(5, x, ldx, w, ldw, K, y, ldy, nr, add); break;
-        case 4: tile_512(4, x, ldx, w, ldw, K, y, ldy, nr, add); break;
-        case 3: tile_512(3, x, ldx, w, ldw, K, y, ldy, nr, add); break;
-        case 2: tile_512(2, x, ldx, w, ldw, K, y, ldy, nr, add); break;
-        default: tile_512(1, x, ldx, w, ldw, K, y, ldy, nr, add);
-    }
-}
-#endif
-
 /* The 32 nibbles of a Q4_1 block (16 bytes: low nibbles are weights 0..15, high ones 16..31) as floats,
    exactly: a nibble ORed into the mantissa of 2^23 and 2^23 subtracted again (cheaper than int->float
    conversion, and the same value). */
@@ -186,57 +122,7 @@ static void q80_rows(const unsigned char *w, long ldw, int nr, long K, float *ou
     }
 }
 
-#ifdef __AVX512F__
-/* The panel expansions 16 weights at a time: the same values as the AVX2 ones above (each weight is exact,
-   or d*q + m rounded once either way), in half the instructions. */
-static void q41_rows_512(const unsigned char *w, long ldw, int nr, long K, float *out) {
-    const __m512i low4 = _mm512_set1_epi32(0x0F), magic = _mm512_set1_epi32(0x4B000000);
-    const __m512 fmagic = _mm512_set1_ps(8388608.0f);
-    for (int r = 0; r < nr; r++) {
-        const unsigned char *row = w + r * ldw;
-        float *o = out + r * K;
-        for (long b = 0; b < K / 32; b++, o += 32) {
-            const unsigned char *blk = row + b * 20;
-            unsigned short hd, hm;
-            memcpy(&hd, blk, 2);
-            memcpy(&hm, blk + 2, 2);
-            __m512 d = _mm512_set1_ps(_cvtsh_ss(hd)), m = _mm512_set1_ps(_cvtsh_ss(hm));
-            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 4)));
-            __m512 lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(v, low4), magic)), fmagic);
-            __m512 hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(v, 4), magic)), fmagic);
-            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_mul_ps(d, lo), m));
-            _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_mul_ps(d, hi), m));
-        }
-    }
-}
-
-static void q80_rows_512(const unsigned char *w, long ldw, int nr, long K, float *out) {
-    const __m512i magic = _mm512_set1_epi32(0x4B400000);
-    const __m512 fmagic = _mm512_set1_ps(12582912.0f);
-    for (int r = 0; r < nr; r++) {
-        const unsigned char *row = w + r * ldw;
-        float *o = out + r * K;
-        for (long b = 0; b < K / 32; b++, o += 32) {
-            const unsigned char *blk = row + b * 34;
-            unsigned short hd;
-            memcpy(&hd, blk, 2);
-            __m512 d = _mm512_set1_ps(_cvtsh_ss(hd));
-            for (int p = 0; p < 2; p++) {
-                __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2 + 16 * p)));
-                __m512 q = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_add_epi32(v, magic)), fmagic);
-                _mm512_storeu_ps(o + 16 * p, _mm512_mul_ps(d, q));
-            }
-        }
-    }
-}
-#endif
-
 typedef void (*rows_fn)(const unsigned char *, long, int, long, float *);
-#ifdef __AVX512F__
-static const rows_fn expand_q41 = q41_rows_512, expand_q80 = q80_rows_512;
-#else
-static const rows_fn expand_q41 = q41_rows, expand_q80 = q80_rows;
-#endif
 
 /* The four rows' sums of a one-row product (two accumulators each) into y. */
 static inline void store4(const __m256 *a, const __m256 *b, int nr, float *y, int add) {
@@ -361,18 +247,11 @@ void lb_mm_for(const lb_mat *w, const float *x, long ldx, float *y, long ldy, lo
                 (w->kind == LB_Q41 ? q41_dot4 : q80_dot4)(x, wq, w->ld, nr, K, y + n, add);
                 continue;
             }
-            (w->kind == LB_Q41 ? expand_q41 : expand_q80)(wq, w->ld, nr, K, panel);
+            (w->kind == LB_Q41 ? q41_rows : q80_rows)(wq, w->ld, nr, K, panel);
             wf = panel;
             ldw = K;
         }
         long m = 0;
-#ifdef __AVX512F__
-        if (M > 1) {   /* one row keeps the AVX2 tiles: the blocks' one-row kernels sum in their order */
-            for (; m + 6 <= M; m += 6) tile6_512(x + m * ldx, ldx, wf, ldw, K, y + m * ldy + n, ldy, nr, add);
-            if (m < M) tail_512((int)(M - m), x + m * ldx, ldx, wf, ldw, K, y + m * ldy + n, ldy, nr, add);
-            continue;
-        }
-#endif
         for (; m + 3 <= M; m += 3) tile3(x + m * ldx, ldx, wf, ldw, K, y + m * ldy + n, ldy, nr, add);
         for (; m < M; m++) tile1(x + m * ldx, wf, ldw, K, y + m * ldy + n, nr, add);
     }
@@ -419,9 +298,9 @@ static void dequant_blocks(rows_fn expand, const unsigned char *w, long ldw, lon
 }
 
 void lb_dequant_q41(const unsigned char *w, long ldw, long N, long K, float *out) {
-    dequant_blocks(expand_q41, w, ldw, N, K, out);
+    dequant_blocks(q41_rows, w, ldw, N, K, out);
 }
 
 void lb_dequant_q80(const unsigned char *w, long ldw, long N, long K, float *out) {
-    dequant_blocks(expand_q80, w, ldw, N, K, out);
+    dequant_blocks(q80_rows, w, ldw, N, K, out);
 }

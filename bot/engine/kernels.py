@@ -60,17 +60,6 @@ def _compiler() -> tuple[str, str] | None:
     return path, (done.stdout.splitlines() or [""])[0].strip()
 
 
-def _cpu_has(flag: str) -> bool:
-    """Whether /proc/cpuinfo lists ``flag`` (False where there is no /proc/cpuinfo)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return False
-    for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.startswith("flags"):
-            return flag in line.split(":", 1)[-1].split()
-    return False
-
-
 def _missing_cpu_features() -> str:
     """Why this CPU cannot run the kernel ("" when it can): it needs AVX2, FMA and F16C. Read from
     /proc/cpuinfo where there is one (no torch import), else from PyTorch's report."""
@@ -100,8 +89,6 @@ def _build() -> tuple[Any, KernelStatus]:
     compiler, version = found
     source = "\0".join(p.read_text(encoding="utf-8") for p in (*SOURCES, HEADER))
     flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-    if _cpu_has("avx512f"):   # wider tiles for several rows (kernels.c); the flags are part of the cache key
-        flags.append("-mavx512f")
     # A different compiler (or version) may build different code: it gets its own cached library.
     digest = hashlib.sha256("\0".join([source, " ".join(flags), compiler, version]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"lb_linear-{digest}.so"
