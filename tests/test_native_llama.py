@@ -196,3 +196,16 @@ def test_bfloat16_stacks_compute_exactly_what_float32_stacks_do(tiny_base: Path,
     prompts, mixed = tok_ids[:2], ["f32", "story"]
     for (a, ta), (b, tb) in zip(*(greedy(fast, {}, prompts, mixed, steps=4) for fast in (narrow, wide)), strict=True):
         assert ta == tb and np.array_equal(a, b)
+
+
+def test_without_the_kernel_the_torch_engine_serves(tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.config import load_config, replace
+    from bot.engine.loading import BaseModelRef
+    from bot.engine.scheduler import LocalEngine
+
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    with pytest.raises(NativeUnsupported, match="no CPU kernel"):
+        load(tiny_base, gguf=None, max_context=256)
+    config = replace(load_config(ROOT / "config.toml"), model={"base": str(tiny_base)})
+    monkeypatch.delenv("LORABOT_TORCH_ENGINE", raising=False)
+    assert LocalEngine._native_backend(config, BaseModelRef("tiny", tiny_base)) is None   # from_config goes on
