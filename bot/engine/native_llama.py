@@ -24,7 +24,7 @@ import numpy as np
 from bot.engine import kernels
 from bot.engine.decode_native import NativeDecode
 from bot.engine.light_model import unsupported_config
-from bot.engine.lora_stacks import GROUPS, Columns, LoraStacks, Selection
+from bot.engine.lora_stacks import Columns, LoraStacks, Selection
 from bot.engine.slot_cache import Reservation, SlotCache
 from bot.engine.weights import read_arrays
 
@@ -242,4 +242,4 @@ def load(folder: Path, *, gguf: Path | None, max_context: int, threads: int = 0,
                        int8_activations=int8_activations)
 
 
-__all__ = ["GROUPS", "NativeLlama", "NativeUnsupported", "load"]
+__all__ = ["NativeLlama", "NativeUnsupported", "config_reason", "load"]
