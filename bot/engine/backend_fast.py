@@ -13,6 +13,7 @@ from typing import Any
 from bot.adapters import AdapterInfo
 from bot.engine.backend import Backend, BatchState
 from bot.engine.lora_stacks import Columns
+from bot.engine.native_llama import NativeLlama
 from bot.engine.slot_cache import SlotCache
 
 
@@ -28,7 +29,7 @@ class FastBackend(Backend):
         """``fast``: a ``FastLlama`` or a ``NativeLlama``."""
         self.fast = fast
         self.config = fast.config
-        self.torch_free = type(fast).__name__ == "NativeLlama"
+        self.torch_free = isinstance(fast, NativeLlama)
 
     @classmethod
     def from_weights(cls, config: Any, weights: dict[str, Any], *, max_context: int,

@@ -138,11 +138,10 @@ static inline __m256 bf16s(const unsigned short *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-/* bfloat16 rows to fp32 (ldw in elements; called through rows_fn, whose pointer is bytes). */
-static void bf16_rows(const unsigned char *w, long ldw, int nr, long K, float *out) {
-    const unsigned short *rows = (const unsigned short *)w;
+/* bfloat16 rows to fp32 (ldw in elements). */
+static void bf16_rows(const unsigned short *w, long ldw, int nr, long K, float *out) {
     for (int r = 0; r < nr; r++)
-        for (long k = 0; k < K; k += 8) _mm256_storeu_ps(out + r * K + k, bf16s(rows + r * ldw + k));
+        for (long k = 0; k < K; k += 8) _mm256_storeu_ps(out + r * K + k, bf16s(w + r * ldw + k));
 }
 
 /* One row of x against four bfloat16 rows, widened in registers. */
@@ -238,7 +237,7 @@ void lb_mm_for(const lb_mat *w, const float *x, long ldx, float *y, long ldy, lo
                 bf16_dot4(x, wb, w->ld, nr, K, y + n, add);
                 continue;
             }
-            bf16_rows((const unsigned char *)wb, w->ld, nr, K, panel);
+            bf16_rows(wb, w->ld, nr, K, panel);
             wf = panel;
             ldw = K;
         } else {

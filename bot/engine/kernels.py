@@ -60,15 +60,25 @@ def _compiler() -> tuple[str, str] | None:
     return path, (done.stdout.splitlines() or [""])[0].strip()
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as /proc/cpuinfo lists them (None where there is no /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
 def _missing_cpu_features() -> str:
     """Why this CPU cannot run the kernel ("" when it can): it needs AVX2, FMA and F16C. Read from
     /proc/cpuinfo where there is one (no torch import), else from PyTorch's report."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("flags"):
-                missing = {"avx2", "fma", "f16c"} - set(line.split(":", 1)[-1].split())
-                return f"this CPU has no {', '.join(sorted(missing)).upper()}" if missing else ""
+    flags = cpu_flags()
+    if flags is not None:
+        missing = {"avx2", "fma", "f16c"} - flags
+        return f"this CPU has no {', '.join(sorted(missing)).upper()}" if missing else ""
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()

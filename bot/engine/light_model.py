@@ -150,12 +150,12 @@ def unsupported_folder(folder: Path) -> str | None:
         return f"architecture {getattr(cfg, 'architectures', None)} is not LlamaForCausalLM"
     if getattr(cfg, "quantization_config", None):
         return "the weights are quantised"
-    if not _weight_files(folder):
+    if not weight_files(folder):
         return "no model.safetensors"
     return unsupported_config(cfg)
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
@@ -188,7 +188,7 @@ def load_light(folder: Path, *, dtype: str = "auto", device: str = "auto", threa
     dev = torch.device(resolve_device(device))
     want = resolve_dtype(dtype, dev.type)
     weights: dict[str, Any] = {}
-    for path in _weight_files(folder):
+    for path in weight_files(folder):
         try:
             tensors = read_safetensors(path)
         except (OSError, ValueError, json.JSONDecodeError) as exc:

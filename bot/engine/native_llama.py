@@ -215,7 +215,7 @@ def load(folder: Path, *, gguf: Path | None, max_context: int, threads: int = 0,
     """The model folder (and the GGUF it was converted from, whose quantised matrices replace the float
     ones) as a ``NativeLlama``; raises ``NativeUnsupported`` when it needs the torch engine."""
     from bot.engine.gguf import GGUFError, quantized_weights
-    from bot.engine.light_model import _weight_files, read_config, unsupported_folder
+    from bot.engine.light_model import read_config, unsupported_folder, weight_files
 
     reason = unsupported_folder(folder)
     if reason:
@@ -225,7 +225,7 @@ def load(folder: Path, *, gguf: Path | None, max_context: int, threads: int = 0,
         raise NativeUnsupported(f"no CPU kernel ({kernels.status().reason})")
     config = read_config(folder)
     weights: dict[str, Any] = {}
-    for path in _weight_files(folder):
+    for path in weight_files(folder):
         try:
             weights.update(read_arrays(path))
         except ValueError as exc:

@@ -10,15 +10,10 @@ from bot.config import Config
 
 
 def _cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return [f for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "amx_tile") if f in have]
-    return []
+    from bot.engine.kernels import cpu_flags
+
+    have = cpu_flags() or set()
+    return [f for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "amx_tile") if f in have]
 
 
 def _backend(config: Config, folder: Path) -> tuple[str, str]:
