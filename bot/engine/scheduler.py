@@ -67,6 +67,7 @@ class _GenerateJob(_Job):
 
 
 JobT = TypeVar("JobT", bound=_Job)
+MAX_CONTEXT = 2048     # tokens a request may span unless the model's context or engine.max_row_tokens is less
 TRIM_EVERY_S = 10.0   # at most this often, memory freed by finished batches goes back to the OS
 
 
@@ -155,7 +156,7 @@ class LocalEngine:
 
     def __init__(
         self, model: Any, tokenizer: Any, base: BaseModelRef, adapters_dir: Path | None, *,
-        max_batch: int = 16, batch_wait_ms: int = 5, max_context: int = 2048, backend: str | Backend = "auto",
+        max_batch: int = 16, batch_wait_ms: int = 5, max_context: int = MAX_CONTEXT, backend: str | Backend = "auto",
         cpu_kernel: bool = True, max_row_tokens: int = 0, kv_token_budget: int = 0, int8_activations: bool = False,
     ):
         """``model``: a transformers or light model (ignored when ``backend`` is a ``Backend`` already);
@@ -210,15 +211,11 @@ class LocalEngine:
         """Load the base model and every adapter (blocking: call it off the event loop)."""
         base = resolve_base(config.model.base, progress=progress)
         model, tokenizer = None, None
+        backend: str | Backend = config.engine.backend
         native = cls._native_backend(config, base)
         if native is not None:
             backend, tokenizer = native
-            return cls(
-                None, tokenizer, base, config.path(config.adapters.dir),
-                max_batch=config.engine.max_batch, batch_wait_ms=config.engine.batch_wait_ms, backend=backend,
-                max_row_tokens=config.engine.max_row_tokens, kv_token_budget=config.engine.kv_token_budget,
-            )
-        if config.engine.backend != "peft":
+        elif backend != "peft":
             try:  # without importing transformers: a much faster start and less memory
                 quantized = config.engine.cpu_kernel and config.engine.quantized
                 model, tokenizer = load_light(
@@ -227,14 +224,14 @@ class LocalEngine:
                 )
             except LightUnsupported as exc:
                 log.info("engine: loading %s with transformers (%s)", base.name, exc)
-        if model is None:
+        if native is None and model is None:
             model, tokenizer = load_model(
                 base.path, dtype=config.model.dtype, device=config.model.device, threads=config.model.threads,
             )
         return cls(
             model, tokenizer, base, config.path(config.adapters.dir),
             max_batch=config.engine.max_batch, batch_wait_ms=config.engine.batch_wait_ms,
-            backend=config.engine.backend, cpu_kernel=config.engine.cpu_kernel,
+            backend=backend, cpu_kernel=config.engine.cpu_kernel,
             max_row_tokens=config.engine.max_row_tokens, kv_token_budget=config.engine.kv_token_budget,
             int8_activations=config.engine.int8_activations,
         )
@@ -253,7 +250,8 @@ class LocalEngine:
                 tokenizer = LightTokenizer(base.path)
                 fast = native_llama.load(
                     base.path, gguf=base.gguf if config.engine.quantized else None,
-                    max_context=min(2048, config.engine.max_row_tokens or 2048), threads=config.model.threads,
+                    max_context=min(MAX_CONTEXT, config.engine.max_row_tokens or MAX_CONTEXT),
+                    threads=config.model.threads,
                     int8_activations=config.engine.int8_activations,
                 )
                 return FastBackend(fast), tokenizer
