@@ -87,6 +87,9 @@ class QAConfig:
     max_new_tokens: int = 24
     # Answers decoded as spans of the given text (bot/span_constraint.py): quoted, never paraphrased.
     span_constrained: bool = True
+    # With span_constrained: the text is read a second time with its sentences reversed and, when the two
+    # answers differ, the one both readings score higher is kept (bot/qa_answer.py).
+    order_check: bool = True
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from bot.config import Config
 from bot.engine import Engine, SamplingParams
 from bot.errors import LorabotError, UserInputError
 from bot.messages import Incoming, Reply, SkillResult, Text, Usage
+from bot.qa_answer import answer
 from bot.render import render, render_compare
 from bot.sanitize import clean_input
 from bot.skills import (
@@ -299,11 +300,12 @@ class Core:
             result = NERFormat.result(g.text, text, labels)
         elif task == "qa":
             question, context = self._qa_parts(text, msg)
-            params = self._params("qa", QAFormat.stop)
-            if self.config.qa.span_constrained:
-                params = replace(params, span_of=QAFormat.span_source(context))
-            g = await self.engine.generate(QAFormat.prompt(context, question), params, name)
-            result = QAFormat.result(g.text, context)
+            qa = await answer(self.engine, question, context, self._params("qa", QAFormat.stop), name,
+                              span_constrained=self.config.qa.span_constrained,
+                              order_check=self.config.qa.order_check)
+            usage = Usage(prompt_tokens=qa.prompt_tokens, completion_tokens=qa.completion_tokens,
+                          latency_ms=_ms(started))
+            return _Outcome(qa.answer, render(qa.answer), name, usage)
         elif task == "story":
             sink = _accumulate(stream, lambda so_far: StoryFormat.result(text, so_far).text)
             g = await self.engine.generate(StoryFormat.prompt(text), self._params("story"), name, sink)

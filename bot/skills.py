@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -155,6 +155,36 @@ class QAFormat:
         return " " + one_line(context)
 
     @staticmethod
+    def reordered(context: str) -> str:
+        """The context's sentences in reverse order, for the order check; "" when it has only one.
+
+        A small model reads a text with a strong pull towards its last sentences: asked for Australia's capital
+        after "Canberra is the capital city of Australia. Sydney is its largest city." it says Sydney, and with
+        the two sentences swapped, Canberra. The order check reads the text both ways round and, when the
+        two answers differ, keeps the one both readings like better (``pick``).
+        """
+        parts = sentences(one_line(context))
+        return " ".join(reversed(parts)) if len(parts) > 1 else ""
+
+    @staticmethod
+    def same(first: Answer, second: Answer) -> bool:
+        """Whether two answers say the same (case, punctuation and articles aside)."""
+        def key(answer: Answer) -> str:
+            return " ".join(_ARTICLES.sub(" ", re.sub(r"[^\w\s]", " ", answer.answer.lower())).split())
+
+        return key(first) == key(second)
+
+    @staticmethod
+    def pick(first: Answer, second: Answer, forward: Sequence[float], backward: Sequence[float]) -> Answer:
+        """The order check's choice between the answer read in the text's order (``first``) and the one read
+        with its sentences reversed (``second``): ``forward`` and ``backward`` are each reading's probabilities
+        of the two answers' first tokens (as ``classify`` gives them), and the answer with the larger product
+        wins; a tie, or a second answer not quoted from the text, keeps the first."""
+        if second.start is None:
+            return first
+        return second if forward[1] * backward[1] > forward[0] * backward[0] else first
+
+    @staticmethod
     def result(output: str, context: str = "") -> Answer:
         """The first line of the output, located in the context (quoted as the context writes it)."""
         answer = output.strip().split("\n", 1)[0].strip()
@@ -162,6 +192,16 @@ class QAFormat:
         if span is None:
             return Answer(answer=answer, context_chars=len(context))
         return Answer(answer=context[span[0]:span[1]], context_chars=len(context), start=span[0], end=span[1])
+
+
+# A sentence ends at . ! or ? followed by space and a capital, digit or opening quote/bracket ("U.S. Army"
+# splits wrongly now and then, which only moves a fragment).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
 
 
 def locate(quote: str, source: str) -> tuple[int, int] | None:

@@ -64,6 +64,13 @@ def _stages(init: dict[str, Any]) -> str:
     return f"`{init['path']}`{before}" + (f", itself started from {_stages(earlier)}" if earlier else "")
 
 
+# How a task's outputs are decided, when that is more than the task's format says: as the bot decides them.
+HOW_SCORED = {
+    "qa": (" Answers are decoded as the bot decodes them: spans of the context, with the order check (a second"
+           " reading with the sentences reversed, `[qa] order_check`; `bot/qa_answer.py`)."),
+}
+
+
 def write_card(path: Path, *, name: str, config: TrainConfig, base_name: str, labels: list[str],
                data: list[dict[str, Any]], train: dict[str, Any], scores: dict[str, Any],
                base_scores: dict[str, Any], calibration: dict[str, Any] | None = None) -> None:
@@ -87,7 +94,7 @@ def write_card(path: Path, *, name: str, config: TrainConfig, base_name: str, la
         "",
         "## Scores on the dev data", "",
         f"The adapter and the bare base model, scored the same way on the same examples "
-        f"(primary metric: {PRIMARY[task]}).", "",
+        f"(primary metric: {PRIMARY[task]}).{HOW_SCORED.get(task, '')}", "",
         *_score_rows(task, scores, base_scores),
         "",
         *([*card_section(calibration), ""] if calibration else []),

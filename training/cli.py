@@ -51,6 +51,8 @@ def add_commands(subparsers: Any) -> None:
                    help="story: also theme adherence on the 50 evaluation themes (writes 50 stories)")
     p.add_argument("--unconstrained", action="store_true",
                    help="qa: decode answers as free text instead of spans of the context (for comparison)")
+    p.add_argument("--one-reading", action="store_true",
+                   help="qa: without the order check (no second reading with the sentences reversed)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     p.add_argument("--predictions", type=Path, metavar="FILE.jsonl",
                    help="also write one JSON line per example (input, gold, output, score) for error analysis")
@@ -126,7 +128,7 @@ def eval_command(args: argparse.Namespace) -> int:
                                   base=args.base, limit=args.limit, holdout=args.holdout,
                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                   predictions=records, themes=args.themes,
-                                  span_constrained=not args.unconstrained)
+                                  span_constrained=not args.unconstrained, order_check=not args.one_reading)
         if records is not None:
             from training.export import write_jsonl
 

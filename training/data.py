@@ -404,7 +404,8 @@ def in_holdout(key: str, fraction: float) -> bool:
 
 
 def select(examples: list[Example], spec: DataSpec | Mapping[str, Any], seed: int) -> list[Example]:
-    """Apply a data spec's options: holdout part, min_words, skip, then a seeded (optionally balanced) subsample.
+    """Apply a data spec's options: holdout part, min_words, skip, a seeded (optionally balanced) subsample, then
+    QA's sentence shuffling.
 
     ``skip = N`` leaves out exactly the examples that ``limit = N`` (same file, seed and options) selects, so
     a run can continue an earlier one (``train.init_adapter``) on examples the earlier one never saw.
@@ -426,7 +427,15 @@ def select(examples: list[Example], spec: DataSpec | Mapping[str, Any], seed: in
         seen = set(_sample(examples, spec.skip, spec.balance, rng))
         examples = [ex for i, ex in enumerate(examples) if i not in seen]
         rng = random.Random(f"{seed}:{spec.path}:skip{spec.skip}")
-    return [examples[i] for i in sorted(_sample(examples, spec.limit, spec.balance, rng))]
+    chosen = [examples[i] for i in sorted(_sample(examples, spec.limit, spec.balance, rng))]
+    if spec.shuffle_sentences:
+        from training.qa_shuffle import shuffle_sentences
+
+        if not all(isinstance(ex, QAExample) for ex in chosen):
+            raise DataError(spec.path, None, "shuffle_sentences is for QA data (a context with questions)")
+
+        chosen = shuffle_sentences(chosen, seed)
+    return chosen
 
 
 def _sample(examples: list[Example], limit: int, balance: bool, rng: random.Random) -> list[int]:

@@ -31,6 +31,8 @@ class DataSpec:
     part: str = "train"            # which side of the holdout split: "train" or "holdout"
     # Stories: an untitled story gets a theme or opening taken from itself (training/story_themes.py).
     themes: bool = False
+    # QA: each context's sentences in a seeded new order (training/qa_shuffle.py), after the holdout split.
+    shuffle_sentences: bool = False
     # The keys the recipe's table wrote, in order; None: the recipe wrote a bare path.
     keys: tuple[str, ...] | None = field(default=None, repr=False)
 

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from bot.messages import Answer
 from bot.skills import NERFormat, QAFormat, SentimentFormat, StoryFormat
 from bot.span_constraint import SpanConstraint
-from training.batching import Encoded, chunks, collate, encode, label_token_ids, prompt_ids
+from training.batching import Encoded, chunks, collate, encode, label_token_ids, prompt_ids, text_ids
 from training.data import Example, NERExample, QAExample, SentimentExample
 from training.model import LossModel
 
@@ -197,13 +198,14 @@ def perplexity(model: Any, encoded: Sequence[Encoded], pad_id: int, *, batch_siz
 def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, labels: Sequence[str] = (),
              batch_size: int = 16, max_new_tokens: int = 0, max_length: int = 1024,
              predictions: list[dict[str, Any]] | None = None, themes: bool = False,
-             span_constrained: bool = True, label_offsets: Mapping[str, float] | None = None) -> dict[str, Any]:
+             span_constrained: bool = True, order_check: bool = True,
+             label_offsets: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Score ``model`` on ``examples`` (all of them; evaluation never drops long examples).
 
     Sentiment labels are decided as the bot decides them, with the adapter's ``label_offsets`` when given.
 
-    QA answers are decoded as spans of the context, as the bot decodes them (``span_constrained=False``:
-    free text, for comparison).
+    QA answers are decoded as spans of the context, with the order check, as the bot decodes them
+    (``span_constrained=False``: free text; ``order_check=False``: one reading; for comparison).
 
     ``predictions``, when given, receives one record per example (input, gold, the model's raw output,
     what the bot would make of it and its score) for error analysis; perplexity tasks add none.
@@ -220,7 +222,7 @@ def evaluate(task: str, model: Any, tok: Any, examples: Sequence[Example], *, la
         if task == "qa":
             return eval_qa(model, tok, examples, batch_size=batch_size,  # type: ignore[arg-type]
                            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS["qa"], predictions=predictions,
-                           span_constrained=span_constrained)
+                           span_constrained=span_constrained, order_check=order_check)
         # Perplexity of the text itself: without the EOS that training appends (the bare base model
         # has no reason to end a story there), stories cut at max_length rather than dropped.
         encoded, _ = encode(task, examples, tok, max_length=max_length, eos=False)
@@ -323,17 +325,64 @@ def eval_ner(model: Any, tok: Any, examples: Sequence[NERExample], labels: Seque
 
 def eval_qa(model: Any, tok: Any, examples: Sequence[QAExample], *, batch_size: int = 16,
             max_new_tokens: int = 24, predictions: list[dict[str, Any]] | None = None,
-            span_constrained: bool = True) -> dict[str, Any]:
-    spans = [QAFormat.span_source(ex.context) for ex in examples] if span_constrained else None
-    outputs = generate(model, tok, [QAFormat.prompt(ex.context, ex.question) for ex in examples],
-                       max_new_tokens=max_new_tokens, batch_size=batch_size, stop=QAFormat.stop, spans=spans)
-    answers = [QAFormat.result(out, ex.context).answer for ex, out in zip(examples, outputs, strict=True)]
+            span_constrained: bool = True, order_check: bool = True) -> dict[str, Any]:
+    """SQuAD F1 / EM of the answers the bot would give: spans of the context, and with ``order_check`` the
+    bot's second reading with the sentences reversed and its choice between the two (bot/qa_answer.py)."""
+    def read(pairs: Sequence[tuple[QAExample, str]]) -> list[Answer]:
+        """Answers to each (example, context to read), located in the example's own context."""
+        spans = [QAFormat.span_source(c) for _, c in pairs] if span_constrained else None
+        outs = generate(model, tok, [QAFormat.prompt(c, ex.question) for ex, c in pairs],
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, stop=QAFormat.stop, spans=spans)
+        return [QAFormat.result(out, ex.context) for (ex, _), out in zip(pairs, outs, strict=True)]
+
+    chosen = read([(ex, ex.context) for ex in examples])
+    first = list(chosen)
+    if order_check and span_constrained:
+        turned = {i: QAFormat.reordered(ex.context) for i, ex in enumerate(examples)}
+        turned = {i: text for i, text in turned.items() if text}
+        second = dict(zip(turned, read([(examples[i], text) for i, text in turned.items()]), strict=True))
+        differ = [i for i, a in second.items() if a.start is not None and not QAFormat.same(first[i], a)]
+        pairs = [[QAFormat.target(first[i].answer), QAFormat.target(second[i].answer)] for i in differ]
+        forward = choice_probs(model, tok, [QAFormat.prompt(examples[i].context, examples[i].question)
+                                            for i in differ], pairs, batch_size=batch_size)
+        backward = choice_probs(model, tok, [QAFormat.prompt(turned[i], examples[i].question) for i in differ],
+                                pairs, batch_size=batch_size)
+        for i, fw, bw in zip(differ, forward, backward, strict=True):
+            if fw is not None and bw is not None:
+                chosen[i] = QAFormat.pick(first[i], second[i], fw, bw)
+    answers = [a.answer for a in chosen]
     metrics = qa_metrics(answers, [ex.answers for ex in examples])
+    if order_check and span_constrained:
+        metrics["order_check"] = {"read_twice": len(turned), "disagreed": len(differ),
+                                  "changed": sum(a is not b for a, b in zip(chosen, first, strict=True))}
     if predictions is not None:
-        for ex, out, answer in zip(examples, outputs, answers, strict=True):
+        for ex, a, answer in zip(examples, first, answers, strict=True):
             em, f1 = squad_scores(answer, ex.answers)
             predictions.append({"question": ex.question, "context": ex.context, "gold": list(ex.answers),
-                                "output": out, "answer": answer, "exact_match": em, "f1": round(f1, 4)})
+                                "first_reading": a.answer, "answer": answer, "exact_match": em, "f1": round(f1, 4)})
     metrics["examples"] = [{"question": ex.question, "answer": a, "gold": ex.answers[0]} for ex, a in
                            zip(examples[:3], answers[:3], strict=False)]
     return metrics
+
+
+@torch.no_grad()
+def choice_probs(model: Any, tok: Any, prompts: Sequence[str], choices: Sequence[Sequence[str]], *,
+                 batch_size: int = 16) -> list[list[float] | None]:
+    """For each prompt, the softmax over its choices' first tokens at the prompt's last position, as the
+    bot's ``classify`` computes it; None where two choices start with the same token (the bot cannot
+    tell them apart either)."""
+    device = next(model.parameters()).device
+    decoder, head = LossModel(model)._parts()
+    firsts = [[text_ids(tok, c)[0] for c in row] for row in choices]
+    encoded = [Encoded(ids=prompt_ids(tok, p)) for p in prompts]
+    out: list[list[float] | None] = [None] * len(prompts)
+    for idx in _by_length([e.ids for e in encoded], batch_size):
+        batch = collate([encoded[i] for i in idx], tok.pad_token_id)   # right padding: positions as the bot's
+        mask = batch["attention_mask"].to(device)
+        hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                         use_cache=False).last_hidden_state
+        logits = head(hidden[torch.arange(len(idx), device=device), mask.sum(dim=1) - 1]).float()
+        for row, i in enumerate(idx):
+            if len(set(firsts[i])) == len(firsts[i]):
+                out[i] = logits[row, firsts[i]].softmax(-1).tolist()
+    return out

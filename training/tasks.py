@@ -126,7 +126,7 @@ def evaluate_adapter(task: str, data: Path, *, adapter: Path | None, base: str =
                      holdout: float = 0.0, batch_size: int = 16, max_new_tokens: int = 0,
                      max_length: int = 1024, threads: int = 0, progress: bool = True,
                      predictions: list[dict[str, Any]] | None = None, themes: bool = False,
-                     span_constrained: bool = True) -> dict[str, Any]:
+                     span_constrained: bool = True, order_check: bool = True) -> dict[str, Any]:
     """Score an adapter (or, with ``adapter=None``, the bare base model) on a data file.
 
     ``predictions``, when given, receives one record per example (see ``training.evaluate.evaluate``)."""
@@ -165,7 +165,8 @@ def evaluate_adapter(task: str, data: Path, *, adapter: Path | None, base: str =
     started = time.perf_counter()
     metrics = evaluate(task, model, tok, examples, labels=labels, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, max_length=max_length, predictions=predictions,
-                       themes=themes, span_constrained=span_constrained, label_offsets=offsets)
+                       themes=themes, span_constrained=span_constrained, order_check=order_check,
+                       label_offsets=offsets)
     return {"task": task, "adapter": str(adapter) if adapter else None, "base_model": ref.name, "data": str(data),
             "holdout": holdout or None, "n": len(examples), "metrics": metrics,
             "time_s": round(time.perf_counter() - started, 2)}

@@ -231,3 +231,30 @@ def test_a_plain_mapping_is_a_spec_checked_as_a_recipe_table() -> None:
     assert D.select(examples, {"path": "p", "limit": 7}, seed=3) == D.select(examples, DataSpec("p", limit=7), seed=3)
     with pytest.raises(ConfigError, match=r"limit: expected int, got '7'"):
         D.select(examples, {"path": "p", "limit": "7"}, seed=3)
+
+
+def test_shuffle_sentences_reorders_qa_contexts_after_the_split_and_keeps_every_answer() -> None:
+    contexts = [f"Ann met Bob in Rome {i}. They ate at noon. Bob paid the bill, \"Sure\" he said. It rained."
+                for i in range(40)]
+    examples = [D.QAExample(context=c, question=f"Who paid {i}?", answers=("Bob paid the bill",))
+                for i, c in enumerate(contexts)] + [
+        D.QAExample(context="One sentence only, with Rome in it.", question="Where?", answers=("Rome",)),
+        # The answer crosses a sentence boundary: reordering would break it, so the context stays.
+        D.QAExample(context="It ended. Then it began.", question="What?", answers=("ended. Then",))]
+    plain = D.select(examples, DataSpec("p", holdout=0.3, part="train"), seed=1)
+    mixed = D.select(examples, DataSpec("p", holdout=0.3, part="train", shuffle_sentences=True), seed=1)
+    assert [e.question for e in mixed] == [e.question for e in plain]     # the same questions, split as before
+    changed = [new for old, new in zip(plain, mixed, strict=True) if new.context != old.context]
+    assert len(changed) == len([e for e in plain if e.question.startswith("Who")])
+    for old, new in zip(plain, mixed, strict=True):
+        assert sorted(_sentences(new.context)) == sorted(_sentences(old.context))
+        assert all(a in new.context for a in new.answers)
+    assert mixed == D.select(examples, DataSpec("p", holdout=0.3, part="train", shuffle_sentences=True), seed=1)
+    with pytest.raises(DataError, match="shuffle_sentences is for QA data"):
+        D.select([D.SentimentExample("fine", "positive")], DataSpec("p", shuffle_sentences=True), seed=1)
+
+
+def _sentences(text: str) -> list[str]:
+    from bot.skills import sentences
+
+    return sentences(text)

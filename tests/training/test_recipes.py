@@ -14,7 +14,8 @@ from training.recipes import make_all
 RECIPES = Path(make_all.__file__).parent
 
 
-@pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first", "qa_second", "qa_third", "qa_fourth", "ner_first"])
+@pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first", "qa_second", "qa_third", "qa_fourth", "qa_sixth", "ner_first",
+                                  "sentiment_first"])
 def test_recipe_resolves(name: str) -> None:
     config = load_config(RECIPES / f"{name}.toml")
     # An adapter is named after its task, except the domain one, named after its domain.
@@ -27,7 +28,7 @@ def test_qa_recipe_holds_out_disjoint_paragraphs() -> None:
     from training.data import load
 
     config = load_config(RECIPES / "qa.toml")
-    (train_spec,), (dev_spec,) = config.data.train, config.data.dev
+    (train_spec, *_), (dev_spec,) = config.data.train, config.data.dev
     path = shared_data("qa/squad_v1.1_dev_shared.jsonl")
     whole_train = replace(train_spec, path=str(path), limit=0, skip=0)
     train = load("qa", whole_train, (), seed=config.seed)
@@ -49,6 +50,15 @@ def test_ner_recipe_holds_out_whole_documents_it_never_trains_on() -> None:
     assert len(train) + len(held) == 3250 and 900 < len(held) < 1100
     assert make_all.STAGES["ner"] == ("ner_first", "ner")
     assert config.train.init_adapter == "runs/adapters/ner_first" and not config.train.keep_best
+
+
+def test_sentiment_stage_two_trains_only_what_stage_one_left_out() -> None:
+    first, second = (load_config(RECIPES / f"{name}.toml") for name in make_all.STAGES["sentiment"])
+    assert second.train.init_adapter == "runs/adapters/sentiment_first" and first.seed == second.seed
+    for before, after in zip(first.data.train, second.data.train, strict=True):
+        assert (after.path, after.skip, after.balance, after.min_words, after.holdout) == (
+            before.path, before.limit, before.balance, before.min_words, before.holdout)
+    assert first.data.dev == second.data.dev and first.lora == second.lora
 
 
 def test_make_all_dry_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,4 +89,10 @@ def test_make_all_trains_qa_in_stages(capsys: pytest.CaptureFixture[str], monkey
     assert stage1.seed == stage2.seed
     # Later passes draw their questions afresh; every stage has the same LoRA shape and the same holdout.
     assert len({s.seed for s in stages[1:]}) == 4
+    # The measured sixth stage (not shipped): two halves of different questions, the reordered ones those
+    # the plain half left out.
+    sixth = load_config(RECIPES / "qa_sixth.toml")
+    plain, reordered = sixth.data.train
+    assert reordered.skip == plain.limit and reordered.shuffle_sentences and not plain.shuffle_sentences
+    assert sixth.train.init_adapter == "runs/adapters/qa_fifth" and sixth.lora == stage5.lora
     assert all(s.lora == stage1.lora and s.data.dev == stage1.data.dev for s in stages)
