@@ -14,8 +14,8 @@ from training.recipes import make_all
 RECIPES = Path(make_all.__file__).parent
 
 
-@pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first", "qa_second", "qa_third", "qa_fourth", "qa_sixth", "ner_first",
-                                  "sentiment_first"])
+@pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first", "qa_second", "qa_third", "qa_fourth", "qa_sixth",
+                                  "ner_first", "sentiment_first"])
 def test_recipe_resolves(name: str) -> None:
     config = load_config(RECIPES / f"{name}.toml")
     # An adapter is named after its task, except the domain one, named after its domain.
