@@ -54,6 +54,7 @@ async def measure(config: Config, runs: int, gen_runs: int | None = None) -> dic
             results[skill] = summary(times) | {"adapter": reply.adapter}
             if skill == "sentiment":
                 results[skill]["prompt_tokens"] = reply.usage.prompt_tokens
+        results["qa_one_reading"] = await one_reading(app, config, runs if gen_runs is None else gen_runs)
         first_token, rates = [], []
         for i in range(max(3, runs if gen_runs is None else gen_runs)):
             marks: list[float] = []
@@ -76,6 +77,25 @@ async def measure(config: Config, runs: int, gen_runs: int | None = None) -> dic
         }
         results["sentiment_engine"] = await sentiment_vs_peft(engine, config, runs)
     return results
+
+
+async def one_reading(app: object, config: Config, runs: int) -> dict:
+    """The QA message without the order check (one reading), alternating with it, on the same engine: what
+    the second reading costs."""
+    from bot.core import Core
+
+    single = Core(replace(config, qa={"order_check": False}), app.engine, app.store)  # type: ignore[attr-defined]
+    times: dict[str, list[float]] = {"one_reading": [], "order_check": []}
+    for i in range(runs):
+        for name, core in (("one_reading", single), ("order_check", app.core)):  # type: ignore[attr-defined]
+            msg = Incoming(platform="bench", chat_id=f"qa-{name}{i}", user_id=f"v{i}", text=INPUTS["qa"])
+            t = time.perf_counter()
+            reply = await core.handle(msg)
+            times[name].append((time.perf_counter() - t) * 1000)
+            assert reply is not None and reply.kind == "answer", reply
+    out = {name: summary(values) for name, values in times.items()}
+    out["ratio_p50"] = round(out["order_check"]["p50_ms"] / out["one_reading"]["p50_ms"], 2)
+    return out
 
 
 async def sentiment_vs_peft(engine: object, config: Config, runs: int) -> dict:
@@ -164,6 +184,9 @@ def main() -> None:
         r = results[skill]
         extra = f"  first token; {r['tokens_per_s']} tok/s" if skill == "story" else ""
         print(f"{skill:10} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f}  {r['adapter'] or 'base'}{extra}")
+    qa = results["qa_one_reading"]
+    print(f"qa, one reading vs the order check (alternating): p50 {qa['one_reading']['p50_ms']} vs "
+          f"{qa['order_check']['p50_ms']} ms ({qa['ratio_p50']}x)")
     se = results["sentiment_engine"]
     print(f"sentiment classify alone: {se['backend']} backend p50 {se['engine']['p50_ms']} ms, "
           f"PEFT backend p50 {se['peft']['p50_ms']} ms (alternating)")

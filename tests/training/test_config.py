@@ -35,8 +35,8 @@ FINGERPRINTS = {
     "qa_third": "89ab0cab84353f82eef05d7cd139e8d79b03a8fb6ffd1d144668809f2b292114",
     "qa_fourth": "acf034b409de71deb48fffeec361702e030aec8705d83c25d8d3ed411c726430",
     "qa_sixth": "3c0773458c185c850a9739732e61d93ab5c3a2e2650c15dcbd6b4748d51b2cb4",   # measured, not shipped
-    "sentiment": "0184f89b888e8af2392f2840ac31788800cfed6ce906b0176f018a803be78121",   # stage 2 (2026-12-04)
-    "sentiment_first": "2e812fb2e495fc6395e7d54e3e5772cc44a80c89cec79bf19201fc6d51cde985",
+    "sentiment": "2e812fb2e495fc6395e7d54e3e5772cc44a80c89cec79bf19201fc6d51cde985",
+    "sentiment_second": "0184f89b888e8af2392f2840ac31788800cfed6ce906b0176f018a803be78121",   # measured, not shipped
     "story": "dcd3b112cc59aaca2c47d8ca76dd233d548dde886531583b09af633dcac194c9",   # themes = true (2026-12-02)
 }
 DEFAULT_FINGERPRINT = (

@@ -22,8 +22,7 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = ("sentiment", "ner", "qa", "story", "medical")
 # Recipes trained before a shipped one, because it continues from their weights (train.init_adapter).
 # Their adapters go to runs/adapters/NAME: they are a means, not shipped.
-STAGES = {"qa": ("qa_first", "qa_second", "qa_third", "qa_fourth", "qa"), "ner": ("ner_first", "ner"),
-          "sentiment": ("sentiment_first", "sentiment")}
+STAGES = {"qa": ("qa_first", "qa_second", "qa_third", "qa_fourth", "qa"), "ner": ("ner_first", "ner")}
 
 
 def out_dir(recipe: str) -> Path:
