@@ -328,19 +328,20 @@ def eval_qa(model: Any, tok: Any, examples: Sequence[QAExample], *, batch_size: 
             span_constrained: bool = True, order_check: bool = True) -> dict[str, Any]:
     """SQuAD F1 / EM of the answers the bot would give: spans of the context, and with ``order_check`` the
     bot's second reading with the sentences reversed and its choice between the two (bot/qa_answer.py)."""
-    def read(pairs: Sequence[tuple[QAExample, str]]) -> list[Answer]:
-        """Answers to each (example, context to read), located in the example's own context."""
+    def read(pairs: Sequence[tuple[QAExample, str]]) -> tuple[list[str], list[Answer]]:
+        """The raw output for each (example, context to read), and its answer located in the example's context."""
         spans = [QAFormat.span_source(c) for _, c in pairs] if span_constrained else None
         outs = generate(model, tok, [QAFormat.prompt(c, ex.question) for ex, c in pairs],
                         max_new_tokens=max_new_tokens, batch_size=batch_size, stop=QAFormat.stop, spans=spans)
-        return [QAFormat.result(out, ex.context) for (ex, _), out in zip(pairs, outs, strict=True)]
+        return outs, [QAFormat.result(out, ex.context) for (ex, _), out in zip(pairs, outs, strict=True)]
 
-    chosen = read([(ex, ex.context) for ex in examples])
-    first = list(chosen)
+    outputs, first = read([(ex, ex.context) for ex in examples])
+    chosen = list(first)
+    second: dict[int, Answer] = {}
     if order_check and span_constrained:
         turned = {i: QAFormat.reordered(ex.context) for i, ex in enumerate(examples)}
         turned = {i: text for i, text in turned.items() if text}
-        second = dict(zip(turned, read([(examples[i], text) for i, text in turned.items()]), strict=True))
+        second = dict(zip(turned, read([(examples[i], text) for i, text in turned.items()])[1], strict=True))
         differ = [i for i, a in second.items() if a.start is not None and not QAFormat.same(first[i], a)]
         pairs = [[QAFormat.target(first[i].answer), QAFormat.target(second[i].answer)] for i in differ]
         forward = choice_probs(model, tok, [QAFormat.prompt(examples[i].context, examples[i].question)
@@ -356,10 +357,11 @@ def eval_qa(model: Any, tok: Any, examples: Sequence[QAExample], *, batch_size: 
         metrics["order_check"] = {"read_twice": len(turned), "disagreed": len(differ),
                                   "changed": sum(a is not b for a, b in zip(chosen, first, strict=True))}
     if predictions is not None:
-        for ex, a, answer in zip(examples, first, answers, strict=True):
+        for i, (ex, out, answer) in enumerate(zip(examples, outputs, answers, strict=True)):
             em, f1 = squad_scores(answer, ex.answers)
             predictions.append({"question": ex.question, "context": ex.context, "gold": list(ex.answers),
-                                "first_reading": a.answer, "answer": answer, "exact_match": em, "f1": round(f1, 4)})
+                                "output": out, "reversed_reading": second[i].answer if i in second else None,
+                                "answer": answer, "exact_match": em, "f1": round(f1, 4)})
     metrics["examples"] = [{"question": ex.question, "answer": a, "gold": ex.answers[0]} for ex, a in
                            zip(examples[:3], answers[:3], strict=False)]
     return metrics

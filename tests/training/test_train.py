@@ -310,6 +310,12 @@ def test_qa_holdout_eval_matches_training_split(tiny_base: Path, tiny_adapters: 
     assert len(records) == n
     assert {"question", "context", "gold", "output", "answer", "exact_match", "f1"} <= set(records[0])
     assert 100 * sum(r["f1"] for r in records) / n == pytest.approx(result["metrics"]["f1"], abs=1e-3)
+    # Every context has several sentences, so the order check read each one twice, as the bot would.
+    assert result["metrics"]["order_check"]["read_twice"] == n and all(r["reversed_reading"] is not None
+                                                                     for r in records)
+    assert main(["eval", "qa", "--adapter", str(tiny_adapters / "qa"), "--data", str(data), "--base", str(tiny_base),
+                 "--holdout", "0.25", "--max-new-tokens", "2", "--json", "--one-reading"]) == 0
+    assert "order_check" not in json.loads(capsys.readouterr().out.splitlines()[-1])["metrics"]
     from training.data import load
 
     held = load("qa", {"path": str(data), "holdout": 0.25, "part": "holdout"}, (), seed=0)
