@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+CARD_END = "Curves: `curves.png`; all figures: `metrics.json`."   # the generated card's last line (training/card.py)
+
 
 def rescore(folder: Path, *, base: bool = False, batch_size: int = 16) -> dict[str, Any]:
     import torch
@@ -43,12 +45,17 @@ def rescore(folder: Path, *, base: bool = False, batch_size: int = 16) -> dict[s
         with model.disable_adapter():
             metrics["base"] = score()
     manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    # What was added to the card by hand after the generated part (levers measured, say) stays.
+    card = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").exists() else ""
+    added = card.split(CARD_END, 1)[1] if CARD_END in card else ""
     manifest["dev_scores"] = {k: v[PRIMARY[config.task]] for k, v in metrics["dev"].items()}
     _write(folder / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     _write(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    write_card(folder / "README.md", name=info.name, config=config, base_name=ref.name, labels=list(info.labels),
-               data=data_info, train=metrics["train"], scores=metrics["dev"], base_scores=metrics.get("base", {}),
-               calibration=metrics.get("calibration"))
+    write_card(folder / "README.md", name=manifest.get("name", info.name), config=config, base_name=ref.name,
+               labels=list(info.labels), data=data_info, train=metrics["train"], scores=metrics["dev"],
+               base_scores=metrics.get("base", {}), calibration=metrics.get("calibration"))
+    if added:
+        _write(folder / "README.md", (folder / "README.md").read_text(encoding="utf-8").rstrip("\n") + added)
     validate_adapter(folder)   # what was written must load
     return metrics
 

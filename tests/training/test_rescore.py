@@ -24,6 +24,8 @@ def test_rescore_rewrites_the_scores_with_the_order_check(tiny_base: Path, tmp_p
     # Pretend the card came from one reading: rescore puts back what the bot does.
     metrics["dev"]["d"] = {"f1": -1.0, "exact_match": -1.0, "n": 4}
     (out / "metrics.json").write_text(json.dumps(metrics))
+    card = out / "README.md"
+    card.write_text(card.read_text().rstrip("\n") + "\n\n## Levers measured\n\n- by hand\n")
     assert main([str(out)]) == 0
     assert "order_check" in capsys.readouterr().out
     again = json.loads((out / "metrics.json").read_text())
@@ -31,6 +33,8 @@ def test_rescore_rewrites_the_scores_with_the_order_check(tiny_base: Path, tmp_p
     expected = evaluate("qa", load_adapter(model, out), tok, tasks.read_data(cfg, ())[1]["d"], max_new_tokens=4)
     assert again["dev"]["d"]["f1"] == expected["f1"] and again["base"] == metrics["base"]
     assert json.loads((out / "lorabot.json").read_text())["dev_scores"]["d"] == expected["f1"]
-    assert "with the order check" in (out / "README.md").read_text()
+    text = card.read_text()
+    assert "with the order check" in text and text.endswith("\n\n## Levers measured\n\n- by hand\n")
+    assert text.startswith("# qa\n")            # the adapter's own name, from its manifest
     validate_adapter(out)
     assert main([str(tmp_path / "nowhere")]) == 2
