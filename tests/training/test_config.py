@@ -29,6 +29,7 @@ RECIPES = REPO / "training" / "recipes"
 FINGERPRINTS = {
     "ner": "d7da2369d0d2ac1ff7361985dc2b19ceed11c70e2d9972f6a4bbd4726b853cb8",   # stage 2 (2026-12-02)
     "ner_first": "1e5d4c74f595ffcb5145b2e8c5735d1c5725197bd231add96818f352047b84fd",
+    "ner_third": "4c5c51e62d27975b6f80fbd9d62031e5466741a665d0ef13d020ab9760d56c2e",   # measured, not shipped
     "qa": "928cd58d4481ae1e5c7fdb43d61e59837b014e654d279aaf0408776c8003d711",   # stage 5 (2026-12-03)
     "qa_first": "df7901d63e48175d41adc6a9ceb28535c5e2eaabf12d069c27af14ac53e80f10",
     "qa_second": "207dc221ec13858b42105d5986988306e2ef13cb4221a120ba4f146a10f9224d",

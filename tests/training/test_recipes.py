@@ -15,7 +15,8 @@ RECIPES = Path(make_all.__file__).parent
 
 
 @pytest.mark.parametrize("name", [*make_all.SHIPPED, "qa_first", "qa_second", "qa_third", "qa_fourth", "qa_sixth",
-                                  "ner_first", "sentiment_second"])
+                                  "ner_first", "ner_third",
+                                  "sentiment_second"])
 def test_recipe_resolves(name: str) -> None:
     config = load_config(RECIPES / f"{name}.toml")
     # An adapter is named after its task, except the domain one, named after its domain.
@@ -50,6 +51,9 @@ def test_ner_recipe_holds_out_whole_documents_it_never_trains_on() -> None:
     assert len(train) + len(held) == 3250 and 900 < len(held) < 1100
     assert make_all.STAGES["ner"] == ("ner_first", "ner")
     assert config.train.init_adapter == "runs/adapters/ner_first" and not config.train.keep_best
+    third = load_config(RECIPES / "ner_third.toml")        # measured, not shipped: the same data drawn afresh
+    assert third.data == config.data and third.seed != config.seed
+    assert third.train.init_adapter == "runs/adapters/ner_second" and third.lora == config.lora
 
 
 def test_the_measured_sentiment_stage_two_trained_only_what_the_shipped_recipe_left_out() -> None:
