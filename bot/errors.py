@@ -31,6 +31,10 @@ class EngineError(LorabotError):
     """A model request failed; only that request is affected."""
 
 
+class ChoicesError(EngineError):
+    """``classify`` was given choices that do not start with distinct tokens: nothing tells them apart."""
+
+
 class DataError(LorabotError):
     """Training or evaluation data is malformed. Always names the file and, where known, the line."""
 

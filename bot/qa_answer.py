@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from bot.engine import Engine, SamplingParams
-from bot.errors import EngineError
+from bot.errors import ChoicesError
 from bot.messages import Answer
 from bot.skills import QAFormat
 
@@ -50,7 +50,7 @@ async def answer(engine: Engine, question: str, context: str, params: SamplingPa
     try:
         scores = await asyncio.gather(*(engine.classify(QAFormat.prompt(text, question), choices, adapter)
                                         for text in readings))
-    except EngineError as e:   # the two answers start with the same token: nothing to tell them apart by
+    except ChoicesError as e:   # the two answers start with the same token: nothing to tell them apart by
         log.debug("order check kept the first reading: %s", e)
         return QAOutcome(first, prompt_tokens, completion_tokens)
     forward, backward = (list(s.scores.values()) for s in scores)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import pytest
 
 from bot.engine import Classification, Generation, SamplingParams
-from bot.errors import EngineError
+from bot.errors import ChoicesError, EngineError
 from bot.messages import Answer
 from bot.qa_answer import answer
 from bot.skills import QAFormat
@@ -37,7 +37,7 @@ class RecencyEngine:
     async def classify(self, prompt: str, choices: Sequence[str], adapter: str | None) -> Classification:
         self.calls.append(("classify", self._context(prompt)))
         if self.same_first_token:
-            raise EngineError(f"choices {list(choices)} do not start with distinct tokens")
+            raise ChoicesError(f"choices {list(choices)} do not start with distinct tokens")
         context = self._context(prompt)
         weights = [(1 + context.rfind(c.strip())) * (5 if c.strip() in self.liked else 1) for c in choices]
         return Classification(scores={c: w / sum(weights) for c, w in zip(choices, weights, strict=True)},
@@ -76,6 +76,17 @@ async def test_the_first_reading_stands_when_the_answers_cannot_be_told_apart_or
             engine.generate = _free(engine)          # free decoding: no span to check against
         got = await answer(engine, "Capital?", TEXT, PARAMS, "qa", **off)
         assert got.answer.answer == "Sydney" and [k for k, _ in engine.calls] == ["generate"]
+
+
+async def test_a_failing_engine_is_not_taken_for_answers_that_cannot_be_told_apart() -> None:
+    engine = RecencyEngine(liked=["Canberra"])
+
+    async def down(prompt: str, choices: Sequence[str], adapter: str | None) -> Classification:
+        raise EngineError("the model server is not answering")
+
+    engine.classify = down
+    with pytest.raises(EngineError, match="not answering"):
+        await answer(engine, "Capital?", TEXT, PARAMS, "qa")
 
 
 def _free(engine: RecencyEngine):

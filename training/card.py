@@ -64,6 +64,9 @@ def _stages(init: dict[str, Any]) -> str:
     return f"`{init['path']}`{before}" + (f", itself started from {_stages(earlier)}" if earlier else "")
 
 
+# The generated card's last line: what a later rewrite (training/rescore.py) keeps after it was added by hand.
+CARD_END = "Curves: `curves.png`; all figures: `metrics.json`."
+
 # How a task's outputs are decided, when that is more than the task's format says: as the bot decides them.
 HOW_SCORED = {
     "qa": (" Answers are decoded as the bot decodes them: spans of the context, with the order check (a second"
@@ -111,6 +114,6 @@ def write_card(path: Path, *, name: str, config: TrainConfig, base_name: str, la
         f"- versions: torch {train['versions']['torch']}, transformers {train['versions']['transformers']}, "
         f"peft {train['versions']['peft']}, Python {platform.python_version()}",
         "", "Resolved configuration (`recipe.toml` in this folder):", "", "```toml", to_toml(config).rstrip(), "```",
-        "", "Curves: `curves.png`; all figures: `metrics.json`.", "",
+        "", CARD_END, "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -339,8 +339,7 @@ def eval_qa(model: Any, tok: Any, examples: Sequence[QAExample], *, batch_size: 
     chosen = list(first)
     second: dict[int, Answer] = {}
     if order_check and span_constrained:
-        turned = {i: QAFormat.reordered(ex.context) for i, ex in enumerate(examples)}
-        turned = {i: text for i, text in turned.items() if text}
+        turned = {i: text for i, ex in enumerate(examples) if (text := QAFormat.reordered(ex.context))}
         second = dict(zip(turned, read([(examples[i], text) for i, text in turned.items()])[1], strict=True))
         differ = [i for i, a in second.items() if a.start is not None and not QAFormat.same(first[i], a)]
         pairs = [[QAFormat.target(first[i].answer), QAFormat.target(second[i].answer)] for i in differ]

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import TypeVar
 
 from bot.skills import sentences
-
-T = TypeVar("T")
+from training.data import QAExample
 
 
 def shuffled_context(context: str, answers: tuple[str, ...], rng: random.Random) -> str:
@@ -32,10 +30,7 @@ def shuffled_context(context: str, answers: tuple[str, ...], rng: random.Random)
     return new if all(answer in new for answer in answers if answer in context) else context
 
 
-def shuffle_sentences(examples: list[T], seed: int) -> list[T]:
+def shuffle_sentences(examples: list[QAExample], seed: int) -> list[QAExample]:
     """Each QA example with its context reordered (seeded per example, so a resumed run sees the same text)."""
-    out = []
-    for ex in examples:
-        rng = random.Random(f"{seed}:{ex.question}:{ex.context[:64]}")   # type: ignore[attr-defined]
-        out.append(dataclasses.replace(ex, context=shuffled_context(ex.context, ex.answers, rng)))  # type: ignore[attr-defined]
-    return out
+    return [dataclasses.replace(ex, context=shuffled_context(
+        ex.context, ex.answers, random.Random(f"{seed}:{ex.question}:{ex.context[:64]}"))) for ex in examples]

@@ -12,15 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CARD_END = "Curves: `curves.png`; all figures: `metrics.json`."   # the generated card's last line (training/card.py)
-
 
 def rescore(folder: Path, *, base: bool = False, batch_size: int = 16) -> dict[str, Any]:
     import torch
 
     from bot.adapters import MANIFEST, validate_adapter
     from training.calibrate import _write
-    from training.card import write_card
+    from training.card import CARD_END, write_card
     from training.config import load_config
     from training.evaluate import PRIMARY, evaluate
     from training.model import load_adapter, load_base

@@ -37,7 +37,7 @@ import aiohttp
 from bot.adapters import AdapterInfo, AdapterProblem, scan_adapters, shape_signature
 from bot.config import Config
 from bot.engine import Classification, Generation, SamplingParams, TextSink
-from bot.errors import AdapterError, EngineError
+from bot.errors import AdapterError, ChoicesError, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class RemoteEngine:
         ids = [self._tok(c, add_special_tokens=False).input_ids[0] for c in choices]
         names = [self._tok.decode([i]) for i in ids]
         if len(set(ids)) != len(ids) or len(set(names)) != len(names):
-            raise EngineError(f"choices {list(choices)} do not start with distinct tokens")
+            raise ChoicesError(f"choices {list(choices)} do not start with distinct tokens")
         if len(choices) > MAX_CHOICES:
             raise EngineError(f"{len(choices)} choices: a remote engine scores at most {MAX_CHOICES}")
         prompt = self._fit(prompt, 1)

@@ -36,7 +36,7 @@ from bot.engine.light_model import LightModel, LightUnsupported, load_light
 from bot.engine.loading import BaseModelRef, load_model, resolve_base
 from bot.engine.sampling import choose_next_tokens, softmax
 from bot.engine.token_scores import as_array, biased, check_sampling, token_scores
-from bot.errors import AdapterError, EngineError
+from bot.errors import AdapterError, ChoicesError, EngineError
 from bot.span_constraint import SpanConstraint
 
 log = logging.getLogger(__name__)
@@ -371,7 +371,7 @@ class LocalEngine:
         self._check_adapter(adapter)
         choice_ids = [self._tok(c, add_special_tokens=False).input_ids[0] for c in choices]
         if len(set(choice_ids)) != len(choice_ids):
-            raise EngineError(f"choices {list(choices)} do not start with distinct tokens")
+            raise ChoicesError(f"choices {list(choices)} do not start with distinct tokens")
         loop = asyncio.get_running_loop()
         job = _ClassifyJob(
             prompt_ids=self._encode(prompt, 1), adapter=adapter, loop=loop, future=loop.create_future(),
